@@ -1,0 +1,254 @@
+"""Batch extraction of image and text embeddings into the resumable cache.
+
+Images are decoded and transformed by DataLoader workers while the model runs; results are
+written chunk by chunk, so a killed run resumes where it stopped. Unreadable images are reported
+(id + reason) on stderr and in ``skipped.csv``, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .catalog import Catalog
+from .images import ImageLoadError, load_rgb
+from .models.base import Embedder
+from .store import EmbeddingCache, Embeddings
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_CHUNK_SIZE = 512
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """True where bf16 matmuls run in hardware: AVX512-BF16/AMX CPUs, Ampere+ GPUs."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_is_native(device) else "fp32"
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ImageDataset(Dataset):
+    """Yields ``(position, pixels or None, error or "")``; decoding failures are data, not exceptions."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int):
+        try:
+            pixels = self.transform(load_rgb(self.paths[position]))
+        except ImageLoadError as exc:
+            return position, None, str(exc)
+        except (OSError, ValueError, RuntimeError) as exc:  # a transform choking on odd input
+            return position, None, f"{type(exc).__name__}: {exc}"
+        return position, pixels, ""
+
+
+def collate_skipping_failures(batch):
+    good = [(pos, px) for pos, px, _ in batch if px is not None]
+    failed = [(pos, err) for pos, px, err in batch if px is None]
+    positions = [pos for pos, _ in good]
+    pixels = torch.stack([px for _, px in good]) if good else None
+    return positions, pixels, failed
+
+
+def default_num_workers() -> int:
+    # Decoding 60x80 JPEGs is cheap next to the model; one worker per spare core is enough.
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    embeddings: Embeddings
+    cache_dir: Path
+    n_requested: int
+    n_cached: int
+    n_new: int
+    skipped: pd.DataFrame
+    precision: str
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_new / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (
+            f"{self.embeddings.model}: {self.n_new} embedded, {self.n_cached} from cache, "
+            f"{len(self.skipped)} skipped, {self.precision}, "
+            f"{self.images_per_second:.1f} img/s -> {self.cache_dir}"
+        )
+
+
+def extract_image_embeddings(
+    catalog: Catalog,
+    embedder: Embedder,
+    workdir: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    precision: str = "auto",
+    normalize: bool = True,
+    limit: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+) -> ExtractResult:
+    """Embed the catalog's images (the first ``limit`` if given), reusing whatever is cached."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not embedder.has_image:
+        raise ValueError(f"model {embedder.name!r} has no image tower; use it for text (--text)")
+    precision = resolve_precision(precision, embedder.device)
+    cache = EmbeddingCache.open(workdir, catalog, embedder.identity(), precision=precision, normalized=normalize)
+    items = catalog.items if limit is None else catalog.items.iloc[:limit]
+    done = cache.done_ids()
+    todo = items[~items.index.isin(list(done))]
+    start = time.perf_counter()
+    skipped: dict[str, str] = {}
+    if len(todo):
+        skipped = _run_image_batches(
+            todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress
+        )
+    seconds = time.perf_counter() - start
+    cache.write_skipped(skipped)
+    n_new = len(todo) - len(skipped)
+    complete = limit is None or limit >= len(catalog.items)
+    cache.consolidate(complete=complete)
+    return ExtractResult(
+        embeddings=cache.load(),
+        cache_dir=cache.directory,
+        n_requested=len(items),
+        n_cached=len(items) - len(todo),
+        n_new=n_new,
+        skipped=cache.skipped(),
+        precision=precision,
+        seconds=seconds,
+    )
+
+
+def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress):
+    ids = todo.index.tolist()
+    dataset = ImageDataset(todo["image"].tolist(), embedder.image_transform)
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_skipping_failures,
+        pin_memory=embedder.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    skipped: dict[str, str] = {}
+    pending_ids: list[str] = []
+    pending_vecs: list[np.ndarray] = []
+    bar = tqdm(total=len(ids), desc=f"embed {embedder.name}", unit="img", disable=not progress, file=sys.stderr)
+    with torch.inference_mode(), autocast_context(precision, embedder.device):
+        for positions, pixels, failed in loader:
+            for pos, reason in failed:
+                skipped[ids[pos]] = reason
+                tqdm.write(f"skipped {ids[pos]}: {reason}", file=sys.stderr)
+            if pixels is not None:
+                pending_ids.extend(ids[p] for p in positions)
+                pending_vecs.append(_encode(embedder, pixels, normalize))
+            if len(pending_ids) >= chunk_size:
+                cache.append(pending_ids, np.concatenate(pending_vecs))
+                pending_ids, pending_vecs = [], []
+            bar.update(len(positions) + len(failed))
+    if pending_ids:
+        cache.append(pending_ids, np.concatenate(pending_vecs))
+    bar.close()
+    return skipped
+
+
+def _encode(embedder: Embedder, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
+    pixels = pixels.to(embedder.device, non_blocking=True)
+    if embedder.prefers_channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    features = embedder.encode_image(pixels).float()
+    if normalize:
+        features = torch.nn.functional.normalize(features, dim=-1)
+    return features.cpu().numpy()
+
+
+def extract_text_embeddings(
+    catalog: Catalog,
+    embedder: Embedder,
+    workdir: str | os.PathLike,
+    *,
+    column: str = "title",
+    batch_size: int = 128,
+    precision: str = "fp32",
+    normalize: bool = True,
+    progress: bool = True,
+) -> ExtractResult:
+    """Embed a text column (titles by default); empty texts are skipped and reported."""
+    catalog.require_column(column)
+    if not embedder.has_text:
+        embedder.encode_text([])  # raises TextNotSupportedError with the explanation
+    precision = resolve_precision(precision, embedder.device)
+    cache = EmbeddingCache.open(
+        workdir, catalog, embedder.identity(), precision=precision, normalized=normalize,
+        modality="text", source_column=column,
+    )
+    texts = catalog.items[column].astype(str).str.strip()
+    done = cache.done_ids()
+    todo = texts[~texts.index.isin(list(done))]
+    skipped = {i: f"empty {column}" for i in todo.index[todo == ""]}
+    todo = todo[todo != ""]
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"embed {embedder.name} text", unit="text", disable=not progress, file=sys.stderr)
+    with torch.inference_mode(), autocast_context(precision, embedder.device):
+        for begin in range(0, len(todo), batch_size):
+            batch = todo.iloc[begin : begin + batch_size]
+            features = embedder.encode_text(batch.tolist()).float()
+            if normalize:
+                features = torch.nn.functional.normalize(features, dim=-1)
+            cache.append(batch.index.tolist(), features.cpu().numpy())
+            bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+    cache.write_skipped(skipped)
+    cache.consolidate(complete=True)
+    return ExtractResult(
+        embeddings=cache.load(),
+        cache_dir=cache.directory,
+        n_requested=len(texts),
+        n_cached=len(texts) - len(todo) - len(skipped),
+        n_new=len(todo),
+        skipped=cache.skipped(),
+        precision=precision,
+        seconds=seconds,
+    )

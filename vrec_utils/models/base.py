@@ -1,0 +1,108 @@
+"""The one interface every embedding model implements.
+
+An :class:`Embedder` turns preprocessed pixel tensors (and, for vision-language models, texts)
+into vectors. Preprocessing travels with the weights: ``image_transform`` is the exact transform
+the weights expect (a picklable callable, so DataLoader workers can run it), and
+``identity()`` describes weights + preprocessing so the embedding cache knows when it is stale.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class ModelUnavailableError(RuntimeError):
+    """The weights cannot be had here; the message says how to get them."""
+
+
+class TextNotSupportedError(ValueError):
+    """Raised by image-only models asked to embed text."""
+
+
+class Embedder(ABC):
+    """Image (and optionally text) embedding model.
+
+    Subclasses set ``name``, ``dim``, ``image_transform`` and implement ``encode_image`` (and
+    ``encode_text`` when ``has_text``). They keep their torch modules in ``self.modules()``
+    order so ``to()`` can move them.
+    """
+
+    name: str
+    dim: int
+    has_text: bool = False
+    has_image: bool = True
+    image_transform: Callable[[Image.Image], torch.Tensor]
+    #: channels_last helps convolution-heavy models on CPU and GPU; transformers do not care.
+    prefers_channels_last: bool = False
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+
+    # -- identity (cache keys, manifests) --------------------------------------------------
+    @abstractmethod
+    def weights_id(self) -> str:
+        """Identifies the weights: a hub tag, a file digest, or ``random-init:seed``."""
+
+    def preprocess_id(self) -> str:
+        """Describes the image transform. Default: its repr, which torchvision makes precise."""
+        return repr(self.image_transform)
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.name, "weights": self.weights_id(), "preprocess": self.preprocess_id(), "dim": self.dim}
+
+    # -- torch plumbing ----------------------------------------------------------------------
+    @abstractmethod
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules that hold the weights."""
+
+    def to(self, device: str | torch.device) -> "Embedder":
+        self.device = torch.device(device)
+        for module in self.modules():
+            module.to(self.device)
+            module.eval()
+        return self
+
+    # -- encoders ---------------------------------------------------------------------------
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) tensor on ``self.device`` from ``image_transform`` -> (B, dim) float tensor."""
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """List of strings -> (B, dim) float tensor in the same space as the images."""
+        raise TextNotSupportedError(
+            f"model {self.name!r} is image-only and cannot embed text; use a vision-language model "
+            "such as siglip-base, an openclip:... model or mini-siglip"
+        )
+
+    # -- conveniences for notebooks and single queries ------------------------------------
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image], normalize: bool = True) -> np.ndarray:
+        """Embed already-decoded RGB images (use :func:`vrec_utils.images.load_rgb` to decode)."""
+        pixels = torch.stack([self.image_transform(im) for im in images]).to(self.device)
+        if self.prefers_channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return _to_numpy(self.encode_image(pixels), normalize)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], normalize: bool = True, batch_size: int = 64) -> np.ndarray:
+        if not self.has_text:
+            self.encode_text(texts)  # raises TextNotSupportedError with the explanation
+        chunks = [self.encode_text(list(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+        return _to_numpy(torch.cat(chunks) if chunks else torch.empty(0, self.dim), normalize)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({json.dumps(self.identity())[:200]})"
+
+
+def _to_numpy(features: torch.Tensor, normalize: bool) -> np.ndarray:
+    features = features.float()
+    if normalize:
+        features = torch.nn.functional.normalize(features, dim=-1)
+    return features.cpu().numpy()
