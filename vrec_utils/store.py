@@ -239,11 +239,14 @@ def list_caches(workdir: str | os.PathLike, catalog: Catalog | None = None) -> p
     rows = []
     for manifest_path in base.rglob(MANIFEST):
         manifest = json.loads(manifest_path.read_text())
+        cache = EmbeddingCache(manifest_path.parent, manifest)
+        # an interrupted run has chunks that are not consolidated (counted) yet
+        count = len(cache.done_ids()) if cache.chunk_paths() else manifest.get("count", 0)
         rows.append(
             {
                 "model": manifest["model"],
                 "modality": manifest.get("modality", "image"),
-                "count": manifest.get("count", 0),
+                "count": count,
                 "dim": manifest.get("dim"),
                 "precision": manifest.get("precision"),
                 "complete": manifest.get("complete", False),

@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images (default: cores - 1, at most 4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--chunk-size", type=int, default=None, help="images per cache chunk (a killed run loses at most one)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 where the hardware runs it natively")
     p.add_argument("--no-normalize", action="store_true", help="keep raw vectors instead of L2-normalising them")
     p.add_argument("--text", nargs="?", const="title", default=None, metavar="COLUMN", help="embed a text column (default: title) instead of images")
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         result = extract_image_embeddings(
             catalog, embedder, args.workdir, batch_size=args.batch_size, num_workers=args.workers,
             precision=args.precision, normalize=not args.no_normalize, limit=args.limit,
+            **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
         )
     if args.json:
         print_json(
