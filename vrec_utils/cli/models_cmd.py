@@ -21,5 +21,7 @@ def run(args: argparse.Namespace) -> int:
     frame = list_models(include_tests=args.all)
     if not args.no_check:
         frame["available_here"] = [check_availability(name) for name in frame["name"]]
+    if not args.json:
+        frame["description"] = frame["description"].str.slice(0, 80)
     print_frame(frame, as_json=args.json)
     return 0

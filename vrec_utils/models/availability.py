@@ -12,11 +12,17 @@ _HUB_WEIGHTS = {"siglip-base": ("hf", "google/siglip-base-patch16-224"), "resnet
 
 
 def check_availability(name: str) -> str:
-    entry, _spec = get_model_entry(name.rstrip("."))
+    if name == "local:...":
+        return "any folder written by vrec finetune"
+    if name.endswith("..."):
+        return "per model: download, hub cache or --weights"
+    entry, _spec = get_model_entry(name)
     if entry.for_tests:
         return "yes (random weights)"
     if name in _PACKAGES:
         return "yes" if importlib.util.find_spec(_PACKAGES[name]) else "install vrec[offline]"
+    if entry.offline:
+        return "yes" if all(importlib.util.find_spec(m) for m in _PACKAGES.values()) else "install vrec[offline]"
     kind, where = _HUB_WEIGHTS.get(name, ("other", ""))
     if kind == "hf":
         from huggingface_hub import try_to_load_from_cache

@@ -80,15 +80,32 @@ def hf_hub_offline() -> Iterator[None]:
 
     ``HF_HUB_OFFLINE`` is read once at import into ``huggingface_hub.constants``; both libraries
     consult that attribute at call time, so flipping it is how to go offline after import.
+    Nothing downloads inside, so transformers' per-tensor "Loading weights" bar is silenced too.
     """
     from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     previous = constants.HF_HUB_OFFLINE
+    bars_were_disabled = are_progress_bars_disabled()
     constants.HF_HUB_OFFLINE = True
+    _set_transformers_bars(False)
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = previous
+        if not bars_were_disabled:
+            _set_transformers_bars(True)
+            enable_progress_bars()
+        else:
+            disable_progress_bars()
+
+
+def _set_transformers_bars(enabled: bool) -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
 
 
 # -- network probe -------------------------------------------------------------------------------------
