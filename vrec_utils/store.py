@@ -182,6 +182,8 @@ class EmbeddingCache:
 
     def consolidate(self, complete: bool, extra: dict[str, Any] | None = None) -> None:
         """Merge the chunks into ids.npy / vectors.npy and update the manifest."""
+        if not self.chunk_paths() and self.manifest.get("complete") == complete and not extra:
+            return  # nothing new: keep `updated`, so indexes built from this cache stay valid
         ids, vectors = self._read_all()
         if self.chunk_paths():
             _atomic_save(self.directory / "ids.npy", ids)
