@@ -1,0 +1,693 @@
+"""Elasticsearch backend.
+
+Three layers, none needing a server unless VREC_ES_URL is set:
+
+1. request bodies built by the pure functions, checked exactly (mapping, bulk actions, kNN);
+2. the real ``elasticsearch.Elasticsearch`` client wired to an in-process fake node
+   (``node_class=``), so the exact HTTP requests (method, path, JSON/NDJSON bodies) are checked
+   after the client serialised them, and the index logic (backfill, retries, failure report,
+   deletes, score conversion) runs end to end;
+3. scenario tests (same as the FAISS ones: exact neighbours, filters, self-exclusion, persistence)
+   run against the fake and, when VREC_ES_URL is set, against a live server (``es_live``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vrec_utils.index import BackendUnavailableError, VectorIndex, build_index, create_index
+from vrec_utils.index.elasticsearch import (
+    MAX_KNN,
+    BulkIndexError,
+    ElasticsearchConfig,
+    ElasticsearchIndex,
+    bulk_remove_vector_actions,
+    bulk_upsert_actions,
+    connect,
+    default_num_candidates,
+    dense_vector_mapping,
+    ids_with_vector_body,
+    index_mapping,
+    knn_query,
+    knn_search_body,
+    load_es_config,
+    vector_field,
+)
+
+elasticsearch = pytest.importorskip("elasticsearch")
+from elastic_transport import ApiResponseMeta, BaseNode, HttpHeaders  # noqa: E402
+from elastic_transport._node import NodeApiResponse  # noqa: E402
+
+MODEL = "efficientnet-lite0"
+N_ITEMS = 300
+
+
+# ======================================================================================= fixtures
+
+
+@pytest.fixture(scope="session")
+def real(fashion_small_dir, tmp_path_factory):
+    """efficientnet-lite0 embeddings of 300 real fashion-small images.
+
+    The same fixture is in test_index_faiss.py, test_index_elasticsearch.py and test_search.py (no
+    shared conftest entry): all three use one cache folder of the session, so only the first computes."""
+    from vrec_utils.catalog import load_catalog
+    from vrec_utils.extract import extract_image_embeddings
+    from vrec_utils.models import create_embedder
+
+    catalog = load_catalog(fashion_small_dir).head(N_ITEMS)
+    workdir = tmp_path_factory.getbasetemp() / "index-embeddings"
+    embedder = create_embedder(MODEL, device="cpu")
+    result = extract_image_embeddings(catalog, embedder, workdir, precision="fp32", num_workers=0, progress=False)
+    return catalog, workdir, result.embeddings
+
+
+class FakeElasticsearch:
+    """A tiny in-memory Elasticsearch: the endpoints vrec uses, exact cosine kNN in numpy.
+
+    Records every request as (method, path, query params, parsed body)."""
+
+    def __init__(self, version: str = "9.1.0") -> None:
+        self.version = version
+        self.indices: dict[str, dict] = {}  # name -> {"mappings": ..., "docs": {id: source}}
+        self.requests: list[tuple[str, str, dict, object]] = []
+        self.fail_ids: dict[str, tuple[int, str]] = {}  # doc id -> (status, error type) on bulk
+        self.throttle_once: set[str] = set()  # doc ids answered 429 the first time
+
+    # -- transport ---------------------------------------------------------------------------
+    def node_class(self):
+        server = self
+
+        class FakeNode(BaseNode):
+            _CLIENT_META_HTTP_CLIENT = ("fake", "0")
+
+            def perform_request(self, method, target, body=None, headers=None, request_timeout=None):
+                status, payload = server.handle(method, target, body)
+                meta = ApiResponseMeta(
+                    status=status,
+                    http_version="1.1",
+                    headers=HttpHeaders({"x-elastic-product": "Elasticsearch", "content-type": "application/json"}),
+                    duration=0.0,
+                    node=self.config,
+                )
+                return NodeApiResponse(meta, b"" if method == "HEAD" else json.dumps(payload).encode())
+
+        return FakeNode
+
+    def client(self):
+        return elasticsearch.Elasticsearch("http://fake-es:9200", node_class=self.node_class())
+
+    def handle(self, method: str, target: str, raw: bytes | None):
+        url = urlsplit(target)
+        path = url.path
+        params = {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = None
+        if raw:
+            text = raw.decode()
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+            body = lines if path.endswith(("_bulk", "_msearch")) else lines[0]
+        self.requests.append((method, path, params, body))
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return 200, {"name": "fake", "version": {"number": self.version}, "tagline": "You Know, for Search"}
+        if parts[0] == "_bulk":
+            return 200, self._bulk(body)
+        if parts[0] == "_msearch":
+            return 200, self._msearch(body)
+        name = parts[0]
+        if len(parts) == 1:
+            if method == "HEAD":
+                return (200 if name in self.indices else 404), {}
+            if method == "PUT":
+                if name in self.indices:
+                    return 400, {"error": {"type": "resource_already_exists_exception", "reason": "exists"}, "status": 400}
+                self.indices[name] = {"mappings": json.loads(json.dumps(body["mappings"])), "docs": {}}
+                return 200, {"acknowledged": True, "index": name}
+            if method == "DELETE":
+                self.indices.pop(name, None)
+                return 200, {"acknowledged": True}
+        if name not in self.indices:
+            return 404, {"error": {"type": "index_not_found_exception", "reason": f"no such index [{name}]"}, "status": 404}
+        index = self.indices[name]
+        action = parts[1]
+        if action == "_mapping" and method == "GET":
+            return 200, {name: {"mappings": index["mappings"]}}
+        if action == "_mapping" and method == "PUT":
+            index["mappings"]["properties"].update(body.get("properties", {}))
+            if "_meta" in body:
+                index["mappings"]["_meta"] = body["_meta"]
+            return 200, {"acknowledged": True}
+        if action == "_refresh":
+            return 200, {"_shards": {"total": 1, "successful": 1, "failed": 0}}
+        if action == "_count":
+            return 200, {"count": sum(1 for _ in self._matching(index, body["query"]))}
+        if action == "_search":
+            hits = [{"_index": name, "_id": i, "_score": 0.0} for i in self._matching(index, body["query"])]
+            return 200, {"hits": {"hits": hits[: body.get("size", 10)]}}
+        return 400, {"error": {"type": "unsupported", "reason": f"fake ES does not do {method} {path}"}}
+
+    # -- semantics ---------------------------------------------------------------------------
+    def _matching(self, index, query):
+        for doc_id, source in index["docs"].items():
+            if _matches(doc_id, source, query):
+                yield doc_id
+
+    def _bulk(self, lines):
+        items, errors = [], False
+        i = 0
+        while i < len(lines):
+            header = lines[i]
+            (op, meta), = header.items()
+            body = lines[i + 1]
+            i += 2
+            doc_id, index = meta["_id"], self.indices[meta["_index"]]
+            result = {"_index": meta["_index"], "_id": doc_id}
+            if doc_id in self.throttle_once:
+                self.throttle_once.discard(doc_id)
+                items.append({op: {**result, "status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "busy"}}})
+                errors = True
+                continue
+            if doc_id in self.fail_ids:
+                status, kind = self.fail_ids[doc_id]
+                items.append({op: {**result, "status": status, "error": {"type": kind, "reason": "injected"}}})
+                errors = True
+                continue
+            if "script" in body:
+                if doc_id not in index["docs"]:
+                    items.append({op: {**result, "status": 404, "error": {"type": "document_missing_exception", "reason": "missing"}}})
+                    errors = True
+                    continue
+                index["docs"][doc_id].pop(body["script"]["params"]["field"], None)
+            else:
+                problem = _check_doc(index["mappings"], body["doc"])
+                if problem:
+                    items.append({op: {**result, "status": 400, "error": {"type": "document_parsing_exception", "reason": problem}}})
+                    errors = True
+                    continue
+                index["docs"].setdefault(doc_id, {}).update(body["doc"])
+            items.append({op: {**result, "status": 200, "result": "updated"}})
+        return {"took": 1, "errors": errors, "items": items}
+
+    def _msearch(self, lines):
+        responses = []
+        for header, body in zip(lines[::2], lines[1::2]):
+            index = self.indices[header["index"]]
+            knn = body["knn"]
+            query = np.asarray(knn["query_vector"], dtype=np.float64)
+            candidates = []
+            for doc_id, source in index["docs"].items():
+                if knn["field"] not in source:
+                    continue
+                if "filter" in knn and not _matches(doc_id, source, knn["filter"]):
+                    continue
+                vec = np.asarray(source[knn["field"]], dtype=np.float64)
+                cosine = float(vec @ query / (np.linalg.norm(vec) * np.linalg.norm(query)))
+                candidates.append(((1.0 + cosine) / 2.0, doc_id))
+            candidates.sort(key=lambda t: (-t[0], t[1]))
+            hits = [{"_id": d, "_score": s} for s, d in candidates[: knn["k"]]][: body.get("size", 10)]
+            responses.append({"hits": {"hits": hits}, "status": 200})
+        return {"took": 1, "responses": responses}
+
+
+def _matches(doc_id, source, query) -> bool:
+    (kind, spec), = query.items()
+    if kind == "match_all":
+        return True
+    if kind == "exists":
+        return spec["field"] in source
+    if kind == "ids":
+        return doc_id in spec["values"]
+    if kind == "term":
+        (field, value), = spec.items()
+        return source.get(field) == value
+    if kind == "bool":
+        return all(_matches(doc_id, source, q) for q in spec.get("filter", [])) and not any(
+            _matches(doc_id, source, q) for q in spec.get("must_not", [])
+        )
+    raise AssertionError(f"fake ES does not know query {kind}")
+
+
+def _check_doc(mappings, doc) -> str:
+    properties = mappings["properties"]
+    for field, value in doc.items():
+        if field not in properties:
+            return f"strict_dynamic_mapping_exception: [{field}] not allowed"
+        if properties[field]["type"] == "dense_vector":
+            if len(value) != properties[field]["dims"]:
+                return f"dims mismatch for [{field}]"
+            if not any(value):
+                return "The [cosine] similarity does not support vectors with zero magnitude"
+    return ""
+
+
+@pytest.fixture
+def fake():
+    return FakeElasticsearch()
+
+
+def _calls(server, method=None, suffix=None):
+    return [r for r in server.requests if (method is None or r[0] == method) and (suffix is None or r[1].endswith(suffix))]
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ======================================================================================= 1. pure bodies
+
+
+def test_vector_field_names_are_slugs():
+    assert vector_field("efficientnet-lite0") == "emb_efficientnet_lite0"
+    assert vector_field("openclip:ViT-B-32:laion2b_s34b_b79k") == "emb_openclip_vit_b_32_laion2b_s34b_b79k"
+    assert vector_field("siglip-base") == "emb_siglip_base"
+
+
+def test_mapping_is_exact_and_sets_index_options_explicitly():
+    mapping = index_mapping(
+        {"emb_efficientnet_lite0": dense_vector_mapping(1280)},
+        ["gender", "articleType"],
+        models={"emb_efficientnet_lite0": "efficientnet-lite0"},
+    )
+    assert mapping == {
+        "dynamic": "strict",
+        "_meta": {"vrec": {"models": {"emb_efficientnet_lite0": "efficientnet-lite0"}, "label_columns": ["gender", "articleType"]}},
+        "properties": {
+            "item_id": {"type": "keyword"},
+            "gender": {"type": "keyword"},
+            "articleType": {"type": "keyword"},
+            "emb_efficientnet_lite0": {
+                "type": "dense_vector",
+                "dims": 1280,
+                "element_type": "float",
+                "index": True,
+                "similarity": "cosine",
+                # explicit: ES 9.1+ would otherwise pick bbq quantization for >= 384 dims
+                "index_options": {"type": "hnsw", "m": 16, "ef_construction": 100},
+            },
+        },
+    }
+    assert dense_vector_mapping(768, index_type="flat")["index_options"] == {"type": "flat"}
+    assert dense_vector_mapping(768, index_type="int8_hnsw", m=32, ef_construction=200)["index_options"] == {
+        "type": "int8_hnsw", "m": 32, "ef_construction": 200,
+    }
+
+
+@pytest.mark.parametrize("bad", [{"dims": 0}, {"dims": 5000}, {"dims": 8, "index_type": "lsh"}])
+def test_mapping_refuses_bad_settings(bad):
+    with pytest.raises(ValueError):
+        dense_vector_mapping(bad["dims"], index_type=bad.get("index_type", "hnsw"))
+
+
+def test_mapping_refuses_label_columns_that_are_not_field_names():
+    with pytest.raises(ValueError, match="no dots"):
+        index_mapping({}, ["a.b"])
+    with pytest.raises(ValueError):
+        index_mapping({}, ["item_id"])
+
+
+def test_bulk_upsert_actions_are_exact_and_idempotent():
+    vectors = np.array([[0.6, 0.8], [1.0, 0.0]], dtype=np.float32)
+    actions = list(bulk_upsert_actions("vrec-items", "emb_m", ["15970", "39386"], vectors, {"articleType": ["Shirts", "Jeans"]}))
+    assert actions == [
+        {
+            "_op_type": "update", "_index": "vrec-items", "_id": "15970", "doc_as_upsert": True,
+            "doc": {"item_id": "15970", "articleType": "Shirts", "emb_m": [np.float32(0.6).item(), np.float32(0.8).item()]},
+        },
+        {
+            "_op_type": "update", "_index": "vrec-items", "_id": "39386", "doc_as_upsert": True,
+            "doc": {"item_id": "39386", "articleType": "Jeans", "emb_m": [1.0, 0.0]},
+        },
+    ]
+    # the same input gives the same actions: document id = item id, so a re-run overwrites
+    assert actions == list(bulk_upsert_actions("vrec-items", "emb_m", ["15970", "39386"], vectors, {"articleType": ["Shirts", "Jeans"]}))
+
+
+def test_remove_vector_actions_only_drop_this_models_field():
+    assert list(bulk_remove_vector_actions("vrec-items", "emb_m", ["7"])) == [
+        {
+            "_op_type": "update", "_index": "vrec-items", "_id": "7",
+            "script": {"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": "emb_m"}},
+        }
+    ]
+
+
+def test_knn_query_plain_filtered_and_excluding_the_query_item():
+    vector = np.array([0.6, 0.8], dtype=np.float32)
+    plain = knn_query("emb_m", vector, 5, 100)
+    assert plain == {"field": "emb_m", "query_vector": vector.tolist(), "k": 5, "num_candidates": 100}
+    filtered = knn_query("emb_m", vector, 5, 100, filter={"articleType": "Dresses"}, exclude_id="15970")
+    assert filtered == {
+        "field": "emb_m",
+        "query_vector": vector.tolist(),
+        "k": 5,
+        "num_candidates": 100,
+        "filter": {"bool": {"filter": [{"term": {"articleType": "Dresses"}}], "must_not": [{"ids": {"values": ["15970"]}}]}},
+    }
+    body = knn_search_body("emb_m", vector, 5, 100, filter={"gender": "Women", "articleType": "Dresses"})
+    assert body == {
+        "knn": {
+            "field": "emb_m", "query_vector": vector.tolist(), "k": 5, "num_candidates": 100,
+            "filter": {"bool": {"filter": [{"term": {"articleType": "Dresses"}}, {"term": {"gender": "Women"}}]}},
+        },
+        "size": 5,
+        "_source": False,
+        "track_total_hits": False,
+    }
+
+
+def test_knn_sizes_over_the_limit_are_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="k=10001 is over Elasticsearch's limit of 10,000"):
+        knn_query("emb_m", [1.0], 10_001, 10_001)
+    with pytest.raises(ValueError, match="num_candidates=20000 is over Elasticsearch's limit of 10,000"):
+        knn_query("emb_m", [1.0], 10, 20_000)
+    with pytest.raises(ValueError, match="must be >= k"):
+        knn_query("emb_m", [1.0], 50, 10)
+    assert default_num_candidates(5) == 100 and default_num_candidates(50) == 500 and default_num_candidates(5000) == MAX_KNN
+
+
+def test_ids_with_vector_body():
+    assert ids_with_vector_body("emb_m", ["1", "2"]) == {
+        "query": {"bool": {"filter": [{"ids": {"values": ["1", "2"]}}, {"exists": {"field": "emb_m"}}]}},
+        "size": 2,
+        "_source": False,
+        "track_total_hits": False,
+    }
+
+
+# ======================================================================================= config
+
+
+def test_config_from_environment_keeps_secrets_out_of_repr():
+    env = {"VREC_ES_URL": "https://es.example:9200", "VREC_ES_API_KEY": "c2VjcmV0", "VREC_ES_VERIFY_CERTS": "false", "VREC_ES_INDEX": "shop"}
+    config = load_es_config(environ=env)
+    assert (config.url, config.api_key, config.verify_certs, config.index, config.auth) == (
+        "https://es.example:9200", "c2VjcmV0", False, "shop", "api_key",
+    )
+    assert "c2VjcmV0" not in repr(config)
+
+
+def test_config_file_overrides_environment(tmp_path):
+    path = tmp_path / "es.toml"
+    path.write_text('[elasticsearch]\nurl = "http://other:9200"\nuser = "elastic"\npassword = "pw"\n')
+    path.chmod(0o600)
+    config = load_es_config(path, environ={"VREC_ES_URL": "http://env:9200"})
+    assert (config.url, config.username, config.password, config.auth) == ("http://other:9200", "elastic", "pw", "basic")
+    assert "pw" not in repr(config)
+    json_path = tmp_path / "es.json"
+    json_path.write_text(json.dumps({"url": "http://j:9200", "index": "x"}))
+    assert load_es_config(json_path, environ={}).index == "x"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"VREC_ES_URL": "localhost:9200"}, "http"),
+        ({"VREC_ES_API_KEY": "k", "VREC_ES_USER": "u", "VREC_ES_PASSWORD": "p"}, "not both"),
+        ({"VREC_ES_USER": "u"}, "both VREC_ES_USER and VREC_ES_PASSWORD"),
+        ({"VREC_ES_VERIFY_CERTS": "maybe"}, "true or false"),
+        ({"VREC_ES_CA_CERTS": "/nonexistent/ca.pem"}, "VREC_ES_CA_CERTS"),
+        ({"VREC_ES_INDEX": "Bad Name"}, "invalid Elasticsearch index name"),
+    ],
+)
+def test_bad_config_is_refused(env, message):
+    with pytest.raises(ValueError, match=message):
+        load_es_config(environ=env)
+
+
+def test_unknown_config_file_keys_are_refused(tmp_path):
+    path = tmp_path / "es.json"
+    path.write_text(json.dumps({"url": "http://x:9200", "hosts": ["a"]}))
+    with pytest.raises(ValueError, match="unknown Elasticsearch setting"):
+        load_es_config(path, environ={})
+
+
+def test_unreachable_server_gives_one_clear_fast_error():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(BackendUnavailableError) as info:
+        connect(ElasticsearchConfig(url=f"http://127.0.0.1:{port}"))
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert f"cannot reach Elasticsearch at http://127.0.0.1:{port}" in message
+    assert "VREC_ES_URL" in message and "docker compose up -d elasticsearch" in message
+
+
+def test_old_server_is_refused():
+    server = FakeElasticsearch(version="7.17.0")
+    with pytest.raises(BackendUnavailableError, match="needs 8.x or 9.x"):
+        connect(ElasticsearchConfig(), node_class=server.node_class())
+
+
+# ======================================================================================= 2. client requests
+
+
+def _small_index(server, **kwargs):
+    kwargs.setdefault("bulk_backoff", 0.01)
+    return ElasticsearchIndex("m", 4, ["articleType"], client=server.client(), index_name="vrec-test", **kwargs)
+
+
+def test_creating_the_index_sends_the_mapping(fake):
+    _small_index(fake)
+    head, put = fake.requests
+    assert head[:2] == ("HEAD", "/vrec-test")
+    assert put[:2] == ("PUT", "/vrec-test")
+    assert put[3] == {"mappings": index_mapping({"emb_m": dense_vector_mapping(4)}, ["articleType"], models={"emb_m": "m"})}
+
+
+def test_a_second_model_adds_its_field_to_the_existing_index(fake):
+    _small_index(fake)
+    fake.requests.clear()
+    ElasticsearchIndex("other-model", 8, ["articleType"], client=fake.client(), index_name="vrec-test")
+    methods = [(m, p) for m, p, _, _ in fake.requests]
+    assert methods == [("HEAD", "/vrec-test"), ("GET", "/vrec-test/_mapping"), ("PUT", "/vrec-test/_mapping")]
+    body = fake.requests[-1][3]
+    assert body["properties"] == {"emb_other_model": dense_vector_mapping(8)}
+    assert body["_meta"]["vrec"]["models"] == {"emb_m": "m", "emb_other_model": "other-model"}
+
+
+def test_dimension_mismatch_with_the_existing_field_is_refused(fake):
+    _small_index(fake)
+    with pytest.raises(ValueError, match="dimension mismatch: index 'vrec-test' holds 4-d vectors"):
+        ElasticsearchIndex("m", 8, ["articleType"], client=fake.client(), index_name="vrec-test")
+
+
+def test_add_sends_bulk_updates_then_refresh(fake):
+    index = _small_index(fake)
+    fake.requests.clear()
+    vectors = np.array([[1, 0, 0, 0], [0, 2, 0, 0]], dtype=np.float32)  # the second is normalised first
+    index.add(["a", "b"], vectors, pd.DataFrame({"articleType": ["Shirts", "Jeans"]}, index=["a", "b"]))
+    (bulk,), (refresh,) = _calls(fake, "PUT", "_bulk") or _calls(fake, "POST", "_bulk"), _calls(fake, suffix="_refresh")
+    assert bulk[3] == [
+        {"update": {"_index": "vrec-test", "_id": "a"}},
+        {"doc": {"item_id": "a", "articleType": "Shirts", "emb_m": [1.0, 0.0, 0.0, 0.0]}, "doc_as_upsert": True},
+        {"update": {"_index": "vrec-test", "_id": "b"}},
+        {"doc": {"item_id": "b", "articleType": "Jeans", "emb_m": [0.0, 1.0, 0.0, 0.0]}, "doc_as_upsert": True},
+    ]
+    assert refresh[1] == "/vrec-test/_refresh"
+    assert len(index) == 2
+
+
+def test_search_sends_one_msearch_with_filtered_knn_and_converts_scores(fake):
+    index = _small_index(fake)
+    rng = np.random.default_rng(0)
+    vectors = _unit(rng, 6, 4)
+    ids = [f"i{n}" for n in range(6)]
+    labels = ["A", "A", "A", "B", "B", "B"]
+    index.add(ids, vectors, pd.DataFrame({"articleType": labels}, index=ids))
+    fake.requests.clear()
+    result = index.search(vectors[:2], 2, filters=[{"articleType": "A"}, None], exclude_ids=["i0", "i1"], num_candidates=50)
+    (msearch,) = fake.requests
+    assert msearch[:2] == ("POST", "/_msearch")
+    assert msearch[3] == [
+        {"index": "vrec-test"},
+        knn_search_body("emb_m", vectors[0], 2, 50, filter={"articleType": "A"}, exclude_id="i0"),
+        {"index": "vrec-test"},
+        knn_search_body("emb_m", vectors[1], 2, 50, exclude_id="i1"),
+    ]
+    # cosine scores, not Elasticsearch's (1 + cosine) / 2
+    sims = vectors[:2] @ vectors.T
+    assert set(result.ids[0]) == {"i1", "i2"}
+    assert result.ids[0][0] == ("i1" if sims[0, 1] > sims[0, 2] else "i2")
+    expected = np.sort(sims[0, [1, 2]])[::-1]
+    np.testing.assert_allclose(result.scores[0], expected, atol=1e-6)
+    assert "i1" not in result.ids[1]
+    assert result.query_ids == ["i0", "i1"]
+
+
+def test_k_over_ten_thousand_is_refused_before_any_request(fake):
+    index = _small_index(fake)
+    fake.requests.clear()
+    with pytest.raises(ValueError, match="limit of 10,000"):
+        index.search(np.ones(4), 10_001)
+    with pytest.raises(ValueError, match="num_candidates=20000 is over"):
+        index.search(np.ones(4), 5, num_candidates=20_000)
+    assert fake.requests == []
+
+
+def test_zero_vectors_are_refused_before_elasticsearch_sees_them(fake):
+    index = _small_index(fake)
+    fake.requests.clear()
+    with pytest.raises(ValueError, match="'b'.*all zeros"):
+        index.add(["a", "b"], np.array([[1, 0, 0, 0], [0, 0, 0, 0]], dtype=np.float32), pd.DataFrame({"articleType": ["x", "y"]}, index=["a", "b"]))
+    with pytest.raises(ValueError, match="all zeros"):
+        index.search(np.zeros(4), 3)
+    assert fake.requests == []
+
+
+def test_failed_documents_are_reported_and_throttling_is_retried(fake):
+    index = _small_index(fake)
+    fake.fail_ids = {"b": (400, "document_parsing_exception")}
+    fake.throttle_once = {"c"}  # 429 once: streaming_bulk retries it
+    ids = ["a", "b", "c"]
+    with pytest.raises(BulkIndexError) as info:
+        index.add(ids, np.eye(4, dtype=np.float32)[:3], pd.DataFrame({"articleType": ["x"] * 3}, index=ids))
+    report = info.value.report
+    assert report.n_ok == 2
+    assert [(f.id, f.status) for f in report.failed] == [("b", 400)]
+    assert "document_parsing_exception" in report.failed[0].error
+    assert "1 failed" in str(info.value) and "re-run" in str(info.value)
+    assert report.to_frame()["id"].tolist() == ["b"]
+    assert sorted(fake.indices["vrec-test"]["docs"]) == ["a", "c"]
+
+
+def test_delete_removes_only_this_models_vector_and_refuses_unknown_ids(fake):
+    index = _small_index(fake)
+    ids = ["a", "b"]
+    index.add(ids, np.eye(4, dtype=np.float32)[:2], pd.DataFrame({"articleType": ["x", "y"]}, index=ids))
+    fake.requests.clear()
+    with pytest.raises(KeyError, match="nothing was deleted"):
+        index.delete(["a", "zzz"])
+    assert not _calls(fake, suffix="_bulk")
+    index.delete(["a"])
+    (bulk,) = _calls(fake, suffix="_bulk")
+    assert bulk[3] == [
+        {"update": {"_index": "vrec-test", "_id": "a"}},
+        {"script": {"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": "emb_m"}}},
+    ]
+    assert len(index) == 1
+    assert fake.indices["vrec-test"]["docs"]["a"] == {"item_id": "a", "articleType": "x"}
+
+
+def test_build_index_backfills_only_missing_documents(fake, real, monkeypatch):
+    catalog, workdir, embeddings = real
+    monkeypatch.setattr("vrec_utils.index.elasticsearch.connect", lambda config=None, **kw: fake.client())
+    monkeypatch.delenv("VREC_ES_INDEX", raising=False)
+    fake.fail_ids = {embeddings.ids[7]: (400, "mapper_parsing_exception")}
+    with pytest.raises(BulkIndexError, match="299 document"):
+        build_index(workdir, catalog, MODEL, backend="elasticsearch", filter_columns=["articleType", "gender"])
+    assert len(fake.indices["vrec-fashion-small"]["docs"]) == N_ITEMS - 1
+    fake.fail_ids = {}
+    fake.requests.clear()
+    index = build_index(workdir, catalog, MODEL, backend="elasticsearch", filter_columns=["articleType", "gender"])
+    (lookup,) = _calls(fake, suffix="_search")  # which documents already hold the vector
+    assert lookup[3] == ids_with_vector_body("emb_efficientnet_lite0", [str(i) for i in embeddings.ids])
+    (bulk,) = _calls(fake, suffix="_bulk")
+    assert [line["update"]["_id"] for line in bulk[3][::2]] == [str(embeddings.ids[7])]  # only the missing one
+    assert index.last_report.n_ok == 1 and index.last_report.n_skipped == N_ITEMS - 1
+    fake.requests.clear()
+    index = build_index(workdir, catalog, MODEL, backend="elasticsearch", filter_columns=["articleType", "gender"])
+    assert not _calls(fake, suffix="_bulk")  # idempotent re-run: nothing to send
+    assert len(index) == N_ITEMS
+
+
+def test_server_down_during_search_is_reported_clearly(fake):
+    index = _small_index(fake)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    index.client = elasticsearch.Elasticsearch(f"http://127.0.0.1:{port}", max_retries=0)
+    index.config = ElasticsearchConfig(url=f"http://127.0.0.1:{port}")
+    with pytest.raises(BackendUnavailableError, match="cannot reach Elasticsearch"):
+        index.search(np.ones(4), 3)
+
+
+# ======================================================================================= 3. scenarios (fake + live)
+
+
+def _live_config():
+    return load_es_config(defaults={"request_timeout": 60})
+
+
+@pytest.fixture(params=["fake", pytest.param("live", marks=pytest.mark.es_live)])
+def es_index_factory(request):
+    """Makes ElasticsearchIndex objects on a fresh index of the fake or, with VREC_ES_URL, a live server."""
+    name = f"vrec-test-{uuid.uuid4().hex[:8]}"
+    if request.param == "fake":
+        server = FakeElasticsearch()
+        kwargs = {"client": server.client()}
+    else:
+        if not os.environ.get("VREC_ES_URL"):
+            pytest.skip("set VREC_ES_URL to run the live Elasticsearch tests")
+        kwargs = {"config": _live_config()}
+    made = []
+
+    def make(model, dim, columns, **extra):
+        index = ElasticsearchIndex(model, dim, columns, index_name=name, index_type="flat", **kwargs, **extra)
+        made.append(index)
+        return index
+
+    yield make
+    if request.param == "live" and made:
+        made[0].client.indices.delete(index=name, ignore_unavailable=True)
+
+
+def _faiss_reference(embeddings, metadata):
+    index = create_index("faiss", model=MODEL, dim=embeddings.dim, filter_columns=list(metadata.columns))
+    index.add(embeddings.ids, embeddings.vectors, metadata)
+    return index
+
+
+def _same_neighbours(got, want, atol=1e-4):
+    """Equal ids rank by rank, except where scores tie within atol (then the ids may swap)."""
+    np.testing.assert_allclose(got.scores, want.scores, atol=atol)
+    for row in range(len(want.ids)):
+        if not np.array_equal(got.ids[row], want.ids[row]):
+            assert set(got.ids[row]) ^ set(want.ids[row]) == set() or np.min(np.abs(np.diff(want.scores[row]))) < atol
+
+
+def test_scenario_exact_search_matches_faiss(es_index_factory, real):
+    catalog, _, embeddings = real
+    metadata = catalog.items.loc[embeddings.ids, ["articleType", "gender"]]
+    index = es_index_factory(MODEL, embeddings.dim, ["articleType", "gender"])
+    index.add(embeddings.ids, embeddings.vectors, metadata)
+    assert len(index) == N_ITEMS
+    reference = _faiss_reference(embeddings, metadata)
+    queries = np.asarray(embeddings.vectors[:40])
+    qids = list(embeddings.ids[:40])
+    _same_neighbours(index.search(queries, 10, exclude_ids=qids), reference.search(queries, 10, exclude_ids=qids))
+    filters = [{"articleType": catalog.items.at[i, "articleType"]} for i in qids]
+    got = index.search(queries, 5, filters=filters, exclude_ids=qids)
+    _same_neighbours(got, reference.search(queries, 5, filters=filters, exclude_ids=qids))
+    labels = catalog.items["articleType"]
+    for row, qid in enumerate(qids):
+        found = [i for i in got.ids[row] if i]
+        assert qid not in found
+        assert all(labels[i] == labels[qid] for i in found)
+        assert len(found) == min(5, int((labels.loc[embeddings.ids] == labels[qid]).sum()) - 1)
+
+
+def test_scenario_persistence_reconnects_to_the_same_index(es_index_factory, real, tmp_path):
+    catalog, _, embeddings = real
+    metadata = catalog.items.loc[embeddings.ids, ["articleType"]]
+    index = es_index_factory(MODEL, embeddings.dim, ["articleType"])
+    index.add(embeddings.ids[:50], embeddings.vectors[:50], metadata.iloc[:50])
+    index.save(tmp_path / "es")
+    saved = json.loads((tmp_path / "es" / "index.json").read_text())
+    assert saved["backend"] == "elasticsearch" and saved["index_name"] == index.index_name
+    assert "api_key" not in json.dumps(saved) and "password" not in json.dumps(saved)
+    again = VectorIndex.load(tmp_path / "es", client=index.client)
+    assert isinstance(again, ElasticsearchIndex) and len(again) == 50
+    q = np.asarray(embeddings.vectors[:3])
+    np.testing.assert_array_equal(again.search(q, 5).ids, index.search(q, 5).ids)

@@ -1,0 +1,96 @@
+"""`vrec index`: build (or reload) a model's vector index from its cached embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ..catalog import load_catalog
+from ..index import build_index
+from ._common import UserError, add_catalog_args, print_json, split_list
+
+FAISS_OPTIONS = ("ann", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "threads")
+ES_OPTIONS = ("config_file", "index_name", "index_type", "num_candidates")
+_FLAGS = {"config_file": "--es-config", "index_name": "--es-index", "index_type": "--es-index-type"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build or reload a vector index (FAISS or Elasticsearch) from cached embeddings",
+        description=(
+            "FAISS indexes are saved next to the embedding cache and reloaded while the embeddings are "
+            "unchanged; Elasticsearch gets the documents that lack this model's vector (a backfill)."
+        ),
+    )
+    add_catalog_args(p)
+    p.add_argument("--model", required=True, help="model whose cached embeddings to index (see `vrec models`)")
+    p.add_argument("--filter-columns", default=None, help="comma-separated label columns usable as filters (default: all)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even if a saved index matches (ES: re-send every document)")
+    add_backend_args(p)
+    p.add_argument("--json", action="store_true", help="print the index summary as JSON")
+    p.set_defaults(handler=run)
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """--backend and its settings (shared with `vrec recommend` / `vrec search`)."""
+    p.add_argument("--backend", choices=("faiss", "elasticsearch"), default="faiss", help="index backend (default: faiss)")
+    g = p.add_argument_group("FAISS settings")
+    g.add_argument("--ann", choices=("none", "hnsw", "ivf"), default=None, help="approximate search structure (default: none = exact)")
+    g.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree (default 32)")
+    g.add_argument("--ef-construction", type=int, default=None, help="HNSW build candidate list (default 80)")
+    g.add_argument("--ef-search", type=int, default=None, help="HNSW search candidate list (default 64)")
+    g.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(n))")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default 1.5*sqrt(nlist))")
+    g.add_argument("--threads", type=int, default=None, help="FAISS threads (default: the CPUs available)")
+    e = p.add_argument_group("Elasticsearch settings (connection from VREC_ES_* variables or --es-config)")
+    e.add_argument("--es-config", dest="config_file", default=None, metavar="FILE", help="JSON/TOML file: url, api_key or username/password, ca_certs, index")
+    e.add_argument("--es-index", dest="index_name", default=None, metavar="NAME", help="index name (default: VREC_ES_INDEX or vrec-<catalog>)")
+    e.add_argument("--es-index-type", dest="index_type", default=None, help="dense_vector index_options type: hnsw (default, float), flat (exact), int8_hnsw, bbq_hnsw, ...")
+    e.add_argument("--num-candidates", type=int, default=None, help="kNN candidates per shard (default 10*k, at least 100; at most 10,000)")
+
+
+def index_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The backend settings given on the command line; refuses settings of the other backend."""
+    mine, other = (FAISS_OPTIONS, ES_OPTIONS) if args.backend == "faiss" else (ES_OPTIONS, FAISS_OPTIONS)
+    wrong = [name for name in other if getattr(args, name, None) is not None]
+    if wrong:
+        flags = ", ".join(_FLAGS.get(w, "--" + w.replace("_", "-")) for w in wrong)
+        raise UserError(f"{flags}: not a setting of the {args.backend} backend")
+    return {name: getattr(args, name) for name in mine if getattr(args, name, None) is not None}
+
+
+@contextlib.contextmanager
+def backend_errors() -> Iterator[None]:
+    """Backend failures users fix (server down, credentials, rejected documents) as one-line errors."""
+    from ..index import BackendUnavailableError
+    from ..index.elasticsearch import BulkIndexError
+
+    try:
+        yield
+    except (BackendUnavailableError, BulkIndexError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    catalog = load_catalog(args.catalog)
+    columns = split_list(args.filter_columns) if args.filter_columns is not None else None
+    start = time.perf_counter()
+    config = index_config(args)
+    with backend_errors():
+        index = build_index(args.workdir, catalog, args.model, backend=args.backend, filter_columns=columns, rebuild=args.rebuild, **config)
+    seconds = time.perf_counter() - start
+    summary = {**index.describe(), "seconds": round(seconds, 3), **{k: v for k, v in index.info.items() if k != "fingerprint"}}
+    if args.json:
+        print_json(summary)
+    else:
+        verb = "reloaded" if summary.get("reused") else "built"
+        print(f"{args.backend} index of {summary['model']} ({summary['size']} items, {summary['dim']}-d) {verb} in {seconds:.2f}s", file=sys.stderr)
+        for key, value in summary.items():
+            if key not in ("model", "size", "dim", "backend", "seconds", "reused"):
+                print(f"  {key}: {value}")
+    return 0
