@@ -1,0 +1,62 @@
+"""`vrec report`: run the numbered notebooks headless and write one HTML report plus the figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..profiles import PROFILES
+from ._common import split_list
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="run the notebooks headless: one HTML report and the PNG figures (the demo)",
+        description="Run notebooks/NN_*.ipynb in order with papermill and export one HTML report. "
+        "A profile whose weights are missing falls back to 'offline' (said at the top of the report) "
+        "unless --no-fallback.",
+    )
+    p.add_argument("--profile", choices=list(PROFILES), default="offline",
+                   help="which models to compare: offline (no download), article (ResNet50 vs SigLIP-base), smoke (tiny test models)")
+    p.add_argument("--catalog", type=Path, default=None, help="catalog folder or CSV (default: the bundled sample, data/sample)")
+    p.add_argument("--workdir", type=Path, default=Path("work"), help="cache and fine-tuned models (default: ./work)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: reports/<profile>)")
+    p.add_argument("--notebooks", type=split_list, default=None, metavar="00,03",
+                   help="only these notebooks, by number or name (default: all)")
+    p.add_argument("--notebooks-dir", type=Path, default=None, help="folder of numbered notebooks (default: the repository's notebooks/)")
+    p.add_argument("--sample-size", type=int, default=None, help="a seeded sample of N catalog items instead of all")
+    p.add_argument("-k", type=int, default=None, help="results per query in the figures (notebook default: 5)")
+    p.add_argument("--label-column", default=None, help="label that decides hits and relevance (notebook default: articleType)")
+    p.add_argument("--no-fallback", action="store_true", help="stop with an error instead of falling back to the offline profile")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds one notebook cell may run (default: 1800)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import NotebookError, run_report
+
+    parameters = {key: value for key, value in (("k", args.k), ("label_column", args.label_column)) if value is not None}
+    try:
+        result = run_report(
+            profile=args.profile,
+            catalog=args.catalog,
+            out=args.out,
+            workdir=args.workdir,
+            notebooks=args.notebooks,
+            notebooks_dir=args.notebooks_dir,
+            fallback=not args.no_fallback,
+            sample_size=args.sample_size,
+            parameters=parameters,
+            timeout=args.timeout,
+            progress=not args.quiet,
+        )
+    except NotebookError as exc:
+        print(f"vrec report: error: {exc}", file=sys.stderr)
+        return 1
+    for note in result.notes:
+        print(f"note: {note}")
+    print(result.summary())
+    return 0
