@@ -1,0 +1,164 @@
+"""``local:DIR``: models saved by ``vrec finetune`` (a folder with ``vrec_model.json``).
+
+Two families of saved models:
+
+* ``mini-siglip``: heads on top of the offline towers (see :mod:`.mini_siglip`);
+* ``tuned``: a fine-tuned copy of any registered vision-language model (SigLIP, open_clip, the
+  tiny test models). The folder holds the complete weights of the base's torch modules in
+  ``model.safetensors`` (no pickle), so loading needs no hub: the base architecture is built
+  with ``weights="random"`` and the saved tensors replace every weight.
+
+``DIR`` may be the model folder itself or a run folder with a ``model/`` child. The embedder's
+``weights_id()`` is the digest of the saved tensors, so the embedding cache never serves vectors
+of an older fine-tune.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import Embedder
+from .mini_siglip import (
+    MODEL_JSON,
+    file_digest,
+    load_mini_siglip,
+    read_model_json,
+    resolve_model_dir,
+)
+from .registry import create_embedder, register_model
+
+TUNED_FAMILY = "tuned"
+TUNED_WEIGHTS = "model.safetensors"
+
+
+class TunedEmbedder(Embedder):
+    """A base embedder whose weights were replaced by a fine-tune; identity = the saved digest."""
+
+    def __init__(self, inner: Embedder, *, digest: str, base: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.base = base
+        self.digest = digest
+        self.name = f"tuned:{base}"
+        self.dim = inner.dim
+        self.has_text = inner.has_text
+        self.has_image = inner.has_image
+        self.image_transform = inner.image_transform
+        self.prefers_channels_last = inner.prefers_channels_last
+
+    def weights_id(self) -> str:
+        return f"finetuned[{self.base};sha256:{self.digest[:16]}]"
+
+    def preprocess_id(self) -> str:
+        return self.inner.preprocess_id()
+
+    def modules(self) -> list[torch.nn.Module]:
+        return self.inner.modules()
+
+    def to(self, device: str | torch.device) -> TunedEmbedder:
+        self.inner.to(device)
+        self.device = self.inner.device
+        return self
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_image(pixels)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.inner.encode_text(texts)
+
+
+def module_state(embedder: Embedder) -> dict[str, torch.Tensor]:
+    """Every tensor of the embedder's modules, keyed ``m<i>.<name>`` (copied: tied weights are
+    saved under each name, which safetensors requires)."""
+    return {
+        f"m{i}.{name}": tensor.detach().cpu().clone().contiguous()
+        for i, module in enumerate(embedder.modules())
+        for name, tensor in module.state_dict().items()
+    }
+
+
+def save_tuned(directory: str | os.PathLike, embedder: Embedder, *, base: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``vrec_model.json`` for a fine-tuned copy of ``base``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (TUNED_WEIGHTS + ".tmp")
+    save_file(module_state(embedder), str(tmp))
+    os.replace(tmp, directory / TUNED_WEIGHTS)
+    inner = embedder.inner if isinstance(embedder, TunedEmbedder) else embedder
+    meta = {
+        "format": "vrec-local-model",
+        "version": 1,
+        "family": TUNED_FAMILY,
+        "base": base,
+        "base_weights": inner.weights_id(),
+        "weights": {"file": TUNED_WEIGHTS, "sha256": file_digest(directory / TUNED_WEIGHTS)},
+        "dim": embedder.dim,
+        "has_text": embedder.has_text,
+        **(extra or {}),
+    }
+    meta["base"] = base
+    tmp_json = directory / (MODEL_JSON + ".tmp")
+    tmp_json.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp_json, directory / MODEL_JSON)
+    return directory
+
+
+def load_tuned(directory: str | os.PathLike) -> TunedEmbedder:
+    from safetensors.torch import load_file
+
+    directory = resolve_model_dir(directory)
+    meta = read_model_json(directory)
+    path = directory / meta["weights"]["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the model folder {directory} is incomplete")
+    digest = file_digest(path)
+    if meta["weights"].get("sha256") not in (None, digest):
+        raise ValueError(f"{path} does not match the sha256 recorded in {directory / MODEL_JSON}; the folder was modified")
+    try:  # the architecture only: every weight is replaced below, so nothing is downloaded
+        inner = create_embedder(meta["base"], weights="random", device="cpu")
+    except ValueError:  # a base with no random-init form (e.g. openclip:hf-hub:...): its own weights
+        inner = create_embedder(meta["base"], device="cpu")
+    state = load_file(str(path))
+    for i, module in enumerate(inner.modules()):
+        prefix = f"m{i}."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(own, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit base {meta['base']!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    return TunedEmbedder(inner, digest=digest, base=meta["base"])
+
+
+def load_local_model(directory: str | os.PathLike, alpha: float | None = None) -> Embedder:
+    """The embedder saved in ``directory`` (see the module docstring)."""
+    directory = resolve_model_dir(directory)
+    family = read_model_json(directory).get("family")
+    if family == "mini-siglip":
+        return load_mini_siglip(directory, alpha=alpha)
+    if alpha is not None:
+        raise ValueError(f"alpha applies to mini-siglip models; {directory} holds a {family!r} model")
+    if family == TUNED_FAMILY:
+        return load_tuned(directory)
+    raise ValueError(f"{directory / MODEL_JSON} names an unknown model family {family!r}")
+
+
+@register_model(
+    "local:",
+    prefix=True,
+    description="a model saved by `vrec finetune`: local:DIR (DIR/vrec_model.json, or DIR/model/)",
+    has_text=True,
+    offline=True,
+)
+def create_local(spec: str, weights: str | None = None, alpha: float | None = None) -> Embedder:
+    if weights is not None:
+        raise ValueError("local:DIR models carry their own weights; drop --weights")
+    return load_local_model(spec, alpha=alpha)
