@@ -143,3 +143,21 @@ def test_kill_9_then_resume_with_real_model(tmp_path, sample_dir):
     summary = json.loads(out.stdout)
     assert summary["from_cache"] >= done_before >= 32
     assert summary["embedded"] == 160 - summary["from_cache"]
+
+
+def test_frozen_bf16_cnn_encoder_matches_eager_on_any_batch_size():
+    from vrec_utils.extract import FrozenCNNEncoder
+
+    embedder = SmallConvEmbedder()
+    encoder = FrozenCNNEncoder(embedder, "bf16")
+    assert encoder.enabled
+    pixels = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        first = encoder(pixels).float()
+        assert encoder.frozen is not None  # traced on the first batch
+        last = encoder(pixels[:3]).float()  # a smaller final batch runs through the same graph
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager = embedder.encode_image(pixels).float()
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(first, eager).min() > 0.999 and cosine(last, eager[:3]).min() > 0.999
+    assert not FrozenCNNEncoder(embedder, "fp32").enabled

@@ -174,6 +174,7 @@ def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision
     skipped: dict[str, str] = {}
     pending_ids: list[str] = []
     pending_vecs: list[np.ndarray] = []
+    encoder = FrozenCNNEncoder(embedder, precision)
     bar = tqdm(total=len(ids), desc=f"embed {embedder.name}", unit="img", disable=not progress, file=sys.stderr)
     with torch.inference_mode(), autocast_context(precision, embedder.device):
         for positions, pixels, failed in loader:
@@ -182,7 +183,7 @@ def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision
                 tqdm.write(f"skipped {ids[pos]}: {reason}", file=sys.stderr)
             if pixels is not None:
                 pending_ids.extend(ids[p] for p in positions)
-                pending_vecs.append(_encode(embedder, pixels, normalize))
+                pending_vecs.append(_encode(embedder, encoder, pixels, normalize))
             if len(pending_ids) >= chunk_size:
                 cache.append(pending_ids, np.concatenate(pending_vecs))
                 pending_ids, pending_vecs = [], []
@@ -193,11 +194,60 @@ def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision
     return skipped
 
 
-def _encode(embedder: Embedder, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
+class FrozenCNNEncoder:
+    """``embedder.encode_image``, traced and frozen for bf16 CNN inference on the CPU.
+
+    Under CPU autocast every forward casts the fp32 weights to bf16 again; freezing a trace taken
+    under autocast bakes the bf16 weights (and BatchNorm) into the graph once, which is ~1.4x
+    faster for ResNet50 and EfficientNet-Lite0 here. Anything else, or any failure to trace,
+    runs the eager model unchanged.
+    """
+
+    def __init__(self, embedder: Embedder, precision: str) -> None:
+        self.embedder = embedder
+        self.enabled = embedder.prefers_channels_last and precision == "bf16" and embedder.device.type == "cpu"
+        self.frozen = None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.enabled and self.frozen is None:
+            self.frozen = self._freeze(pixels)
+            self.enabled = self.frozen is not None
+        return self.frozen(pixels) if self.frozen is not None else self.embedder.encode_image(pixels)
+
+    def _freeze(self, example: torch.Tensor):
+        import warnings
+
+        module = _EncodeImage(self.embedder)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings about data-independent shapes
+                with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                    frozen = torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+                eager = self.embedder.encode_image(example[:2]).float()
+                check = frozen(example[:2]).float()
+        except (RuntimeError, TypeError, ValueError):
+            return None
+        same = torch.nn.functional.cosine_similarity(eager, check).min().item() > 0.999
+        return frozen if same else None
+
+
+class _EncodeImage(torch.nn.Module):
+    def __init__(self, embedder: Embedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+        for module in embedder.modules():
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)  # frozen graphs hold weights as constants
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.embedder.encode_image(pixels)
+
+
+def _encode(embedder: Embedder, encoder, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
     pixels = pixels.to(embedder.device, non_blocking=True)
     if embedder.prefers_channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-    features = embedder.encode_image(pixels).float()
+    features = encoder(pixels).float()
     if normalize:
         features = torch.nn.functional.normalize(features, dim=-1)
     return features.cpu().numpy()
