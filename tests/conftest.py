@@ -39,3 +39,18 @@ def fashion_small_dir() -> Path:
     if not (FASHION_SMALL / "styles.csv").is_file():
         pytest.skip(f"fashion-small not found at {FASHION_SMALL} (set VREC_FASHION_SMALL)")
     return FASHION_SMALL
+
+
+@pytest.fixture(scope="session")
+def real(fashion_small_dir, tmp_path_factory):
+    """(catalog, workdir, embeddings): efficientnet-lite0 fp32 embeddings of 300 real fashion-small
+    images, computed once per session (the index and search tests share them)."""
+    from vrec_utils.catalog import load_catalog
+    from vrec_utils.extract import extract_image_embeddings
+    from vrec_utils.models import create_embedder
+
+    catalog = load_catalog(fashion_small_dir).head(300)
+    workdir = tmp_path_factory.getbasetemp() / "index-embeddings"
+    embedder = create_embedder("efficientnet-lite0", device="cpu")
+    result = extract_image_embeddings(catalog, embedder, workdir, precision="fp32", num_workers=0, progress=False)
+    return catalog, workdir, result.embeddings

@@ -18,23 +18,6 @@ N_ITEMS = 300
 COLUMNS = ["articleType", "gender", "masterCategory"]
 
 
-@pytest.fixture(scope="session")
-def real(fashion_small_dir, tmp_path_factory):
-    """efficientnet-lite0 embeddings of 300 real fashion-small images.
-
-    The same fixture is in test_index_faiss.py, test_index_elasticsearch.py and test_search.py (no
-    shared conftest entry): all three use one cache folder of the session, so only the first computes."""
-    from vrec_utils.catalog import load_catalog
-    from vrec_utils.extract import extract_image_embeddings
-    from vrec_utils.models import create_embedder
-
-    catalog = load_catalog(fashion_small_dir).head(N_ITEMS)
-    workdir = tmp_path_factory.getbasetemp() / "index-embeddings"
-    embedder = create_embedder(MODEL, device="cpu")
-    result = extract_image_embeddings(catalog, embedder, workdir, precision="fp32", num_workers=0, progress=False)
-    return catalog, workdir, result.embeddings
-
-
 @pytest.fixture(scope="module")
 def data(real):
     catalog, _, embeddings = real
