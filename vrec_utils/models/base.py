@@ -101,6 +101,22 @@ class Embedder(ABC):
         return f"{type(self).__name__}({json.dumps(self.identity())[:200]})"
 
 
+class SingleModelEmbedder(Embedder):
+    """An embedder whose weights all live in one module, ``self.model``, identified by a string
+    fixed when the weights are loaded (most families)."""
+
+    def __init__(self, model: torch.nn.Module, weights_id: str) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self._weights_id = weights_id
+
+    def weights_id(self) -> str:
+        return self._weights_id
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+
 def _to_numpy(features: torch.Tensor, normalize: bool) -> np.ndarray:
     features = features.float()
     if normalize:

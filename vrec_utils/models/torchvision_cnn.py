@@ -15,29 +15,21 @@ from ._common import (
     random_weights_id,
     seeded_random_init,
 )
-from .base import Embedder
+from .base import SingleModelEmbedder
 from .hub import require_torch_hub_file
 from .registry import register_model
 
 
-class TorchvisionCNNEmbedder(Embedder):
+class TorchvisionCNNEmbedder(SingleModelEmbedder):
     """A torchvision classifier with its head replaced by ``Identity``: pooled backbone features."""
 
     prefers_channels_last = True
 
     def __init__(self, name: str, model: torch.nn.Module, dim: int, image_transform, weights_id: str) -> None:
-        super().__init__()
+        super().__init__(model, weights_id)
         self.name = name
-        self.model = model.eval()
         self.dim = dim
         self.image_transform = image_transform
-        self._weights_id = weights_id
-
-    def weights_id(self) -> str:
-        return self._weights_id
-
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels)
