@@ -454,7 +454,13 @@ def _normalise(matrix: np.ndarray, ids: np.ndarray | None, what: str, chunk: int
         return np.ascontiguousarray(matrix, dtype=np.float32)
     norms = np.empty(len(matrix), dtype=np.float64)
     for start in range(0, len(matrix), chunk):
-        block = np.asarray(matrix[start : start + chunk], dtype=np.float64)
+        block = np.asarray(matrix[start : start + chunk])
+        if block.dtype == np.float32:  # no float64 copy (it cost more than the search itself)
+            norms[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+            odd = ~(np.isfinite(norms[start : start + len(block)]) & (norms[start : start + len(block)] > 1e-12))
+            if not odd.any():
+                continue
+        block = np.asarray(block, dtype=np.float64)  # exact answer for huge, tiny or non-float rows
         norms[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
     bad = ~np.isfinite(norms)
     if bad.any():
