@@ -1,0 +1,128 @@
+"""Exact search through a bf16 first pass (vrec_utils/index/exact.py): same answers as fp32.
+
+The bf16 path runs on any CPU (only its speed needs AMX), so these tests check it everywhere."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from vrec_utils.index import create_index
+from vrec_utils.index import exact
+from vrec_utils.index.exact import Bf16Items, bf16_error_bounds, bf16_rescored_knn, exact_knn
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def vectors(real):
+    _, _, embeddings = real
+    return np.ascontiguousarray(embeddings.vectors, dtype=np.float32)
+
+
+def _reference(queries, vectors, k):
+    """float64 numpy: (scores, rows) of the k best, best first."""
+    sims = queries.astype(np.float64) @ vectors.T.astype(np.float64)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order, sims
+
+
+def _assert_exact(scores, rows, queries, vectors, k, atol=2e-6):
+    """The k best scores rank by rank, and each returned row really has its score (rows may only
+    differ from the reference between tied items)."""
+    ref_scores, _, sims = _reference(queries, vectors, k)
+    np.testing.assert_allclose(scores, ref_scores, atol=atol)
+    np.testing.assert_allclose(np.take_along_axis(sims, rows, axis=1), ref_scores, atol=atol)
+    assert all(len(set(r)) == k for r in rows.tolist())
+
+
+def test_bf16_rescored_search_is_exact_on_real_embeddings(vectors):
+    stats = {}
+    scores, rows = bf16_rescored_knn(vectors, vectors, K, stats=stats)
+    _assert_exact(scores, rows, vectors, vectors, K)
+    assert stats["uncertified"] < len(vectors) // 2  # the bf16 pass did the work for most queries
+
+
+def test_unnormalised_queries_and_items_keep_the_answer_exact(vectors):
+    rng = np.random.default_rng(0)
+    items = vectors * rng.uniform(0.5, 3.0, size=(len(vectors), 1)).astype(np.float32)
+    queries = vectors[:50] * np.float32(7.0)
+    scores, rows = bf16_rescored_knn(queries, items, K)
+    _assert_exact(scores, rows, queries, items, K, atol=1e-4)
+
+
+def test_near_ties_below_bf16_resolution_are_certified_or_redone():
+    """Items whose scores differ by less than a bf16 step: the bf16 pass cannot rank them, so the
+    certificate must fail and the fp32 redo must give the exact order."""
+    rng = np.random.default_rng(1)
+    dim, n = 64, 400
+    base = rng.standard_normal(dim).astype(np.float32)
+    base /= np.linalg.norm(base)
+    noise = rng.standard_normal((n, dim)).astype(np.float32) * 1e-3
+    items = base + noise
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries = items[:20].copy()
+    stats = {}
+    scores, rows = bf16_rescored_knn(queries, items, K, candidates=K + 2, stats=stats)
+    assert stats["uncertified"] > 0
+    _assert_exact(scores, rows, queries, items, K)
+
+
+def test_item_blocks_are_merged_without_losing_the_best(vectors, monkeypatch):
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 64 * 1024)  # item blocks of 64 rows: 5 merges
+    scores, rows = bf16_rescored_knn(vectors[:40], vectors, K)
+    _assert_exact(scores, rows, vectors[:40], vectors, K)
+
+
+def test_error_bound_holds_for_every_pair(vectors):
+    import torch
+
+    items = Bf16Items.from_vectors(vectors)
+    queries = vectors[:64]
+    q_bf16 = torch.from_numpy(queries).to(torch.bfloat16)
+    bf16_scores = (q_bf16 @ items.vectors_t).float().numpy()
+    exact_scores = queries.astype(np.float64) @ vectors.T.astype(np.float64)
+    rounded = q_bf16.float().numpy()
+    bound = bf16_error_bounds(
+        np.linalg.norm(rounded, axis=1), np.linalg.norm(queries - rounded, axis=1), items, vectors.shape[1],
+        np.abs(bf16_scores).max(axis=1),
+    )  # fmt: skip
+    error = np.abs(bf16_scores - exact_scores).max(axis=1)
+    assert (error <= bound).all()
+    assert (error > 0).any() and bound.max() < 0.02  # a real rounding error, and a bound that is useful
+
+
+def test_exact_knn_dispatch(vectors, monkeypatch):
+    with pytest.raises(ValueError, match="exact search method must be one of auto, fp32, bf16-rescored"):
+        exact_knn(vectors, vectors, K, method="fp16")
+    monkeypatch.setattr(exact, "cpu_has_fast_bf16", lambda: False)
+    assert not exact.use_bf16(100_000, 100_000, K)  # no AMX: fp32 whatever the size
+    monkeypatch.setattr(exact, "cpu_has_fast_bf16", lambda: True)
+    assert exact.use_bf16(4096, 4096, K) and not exact.use_bf16(1, 4096, K) and not exact.use_bf16(10_000, 300, K)
+    # more k than the bf16 pass can serve: plain faiss, same answer
+    scores, rows = exact_knn(vectors[:5], vectors, len(vectors), method="bf16-rescored")
+    expected, _ = faiss.knn(vectors[:5], vectors, len(vectors), metric=faiss.METRIC_INNER_PRODUCT)
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+
+
+def test_flat_index_bf16_path_matches_fp32_after_upserts_and_deletes(real, vectors):
+    _, _, embeddings = real
+    ids = np.asarray(embeddings.ids, dtype=str)
+    indexes = {m: create_index("faiss", model="m", dim=vectors.shape[1], exact_method=m) for m in ("fp32", "bf16-rescored")}
+    for index in indexes.values():
+        index.add(ids, vectors)
+        index.delete(ids[:50])
+        index.search(vectors[:3], K)  # the bf16 copy is made here...
+        index.add(ids[50:60], vectors[60:70])  # ...and must not outlive an upsert (same count, new rows)
+    results = {m: index.search(vectors, K, exclude_ids=list(ids)) for m, index in indexes.items()}
+    fp32, bf16 = results["fp32"], results["bf16-rescored"]
+    np.testing.assert_allclose(bf16.scores, fp32.scores, atol=2e-6)
+    assert not np.isin(bf16.ids, ids[:50]).any()
+    assert (bf16.ids == fp32.ids).mean() > 0.99  # only tied items may swap
+    index = indexes["bf16-rescored"]
+    copy = index._bf16_copy.vectors_t.T.float().numpy()  # the copy searched is of the current vectors
+    np.testing.assert_allclose(copy, index._stored_vectors(), atol=2**-8)
+    assert index.describe()["exact_method"] == "bf16-rescored"
+    with pytest.raises(ValueError, match="exact_method must be one of auto, fp32, bf16-rescored, got 'fast'"):
+        create_index("faiss", model="m", dim=4, exact_method="fast")

@@ -1,0 +1,221 @@
+"""Exact top-k inner-product search, with a bf16 first pass where the CPU multiplies bf16 fast.
+
+``faiss.knn`` (one fp32 BLAS product per block, then a heap per query) is bound by the fp32
+matrix product. On CPUs with AMX tiles the same product in bf16 runs about 5x faster, but bf16
+scores are not exact. ``bf16_rescored_knn`` uses them only to choose candidates and stays exact:
+
+1. bf16 scores of every (query, item) pair; each query keeps its ``c`` best items (``c`` > k).
+2. Those candidates are rescored in fp32 (``faiss.knn_inner_products_by_idx``) and the best k kept.
+3. The rounding error of a bf16 score is bounded (``bf16_error_bounds``, from the norms of the
+   vectors and of their rounding errors), so an item outside the candidates scores at most the
+   c-th bf16 score plus that bound. A query whose k-th rescored score is above it provably has its
+   exact answer. The few queries that are not certified are searched again with ``faiss.knn``.
+
+The answer is the exact fp32 answer (up to the order of float summation, as between any two BLAS
+libraries); only the speed depends on the CPU. ``exact_knn`` picks the method ("auto": bf16 first
+pass when the CPU has AMX-BF16 and the search is large enough to pay for it).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+ExactMethod = Literal["auto", "fp32", "bf16-rescored"]
+EXACT_METHODS: tuple[str, ...] = ("auto", "fp32", "bf16-rescored")
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
+#: "auto" uses the bf16 first pass from this many (query, item) pairs, with at least this many items
+BF16_MIN_PAIRS = 2**22
+BF16_MIN_ITEMS = 2048
+#: candidates per query: k plus this margin (on fashion-small, 32 candidates for k=10 certify all
+#: but 0.3% of the queries; those are redone in fp32)
+CANDIDATE_MARGIN = 22
+#: bf16 score block: queries x items per product (bf16, so 2 bytes each)
+BLOCK_ELEMENTS = 2**25
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has AMX-BF16 tiles (oneDNN then multiplies bf16 several times faster than fp32)."""
+    try:
+        import torch
+
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - old torch / no torch
+        return False
+
+
+@dataclass(frozen=True)
+class Bf16Items:
+    """bf16 copy of the item vectors, with what the error bound needs to know about the rounding."""
+
+    vectors_t: Any  # torch.bfloat16 tensor (d, n): transposed once, the products read it as is
+    max_norm: float  # max |x~| (x~: the bf16 vector)
+    max_rounding_norm: float  # max |x - x~|
+
+    def __len__(self) -> int:
+        return int(self.vectors_t.shape[1])
+
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray, chunk: int = 65536) -> "Bf16Items":
+        import torch
+
+        with warnings.catch_warnings():  # read-only arrays (faiss storage, memory maps): only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            items = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(torch.bfloat16)
+        max_norm = max_rounding = 0.0
+        for start in range(0, len(vectors), chunk):
+            rounded = items[start : start + chunk].float()
+            max_norm = max(max_norm, float(_norms(rounded).max(initial=0.0)))
+            error = torch.from_numpy(np.asarray(vectors[start : start + chunk], dtype=np.float32)) - rounded
+            max_rounding = max(max_rounding, float(_norms(error).max(initial=0.0)))
+        return cls(items.T.contiguous(), max_norm, max_rounding)
+
+
+def _norms(matrix) -> np.ndarray:
+    """Row norms, rounded up a little so that float32 summation error cannot make them too small."""
+    matrix = np.asarray(matrix)
+    return np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float32)) * np.float32(1 + matrix.shape[1] * 2.0**-22)
+
+
+def bf16_error_bounds(rounded_query_norms, query_rounding_norms, items: Bf16Items, dim: int, magnitudes) -> np.ndarray:
+    """Per query: the most an exact score can differ from its bf16 score r, for |r| <= ``magnitudes``.
+
+    With q~, x~ the bf16 vectors and dq = q - q~, dx = x - x~ (both known):
+    q.x - q~.x~ = q~.dx + dq.x~ + dq.dx, bounded by Cauchy-Schwarz with the norms; the fp32
+    accumulation of q~.x~ adds at most dim * 2^-23 |q~| |x~|; the product is rounded to bf16 (unit
+    roundoff u = 2^-8), so the fp32 sum t behind a bf16 score r was within u |r| / (1 - u) of it."""
+    a, qa = np.asarray(rounded_query_norms, np.float64), np.asarray(query_rounding_norms, np.float64)
+    b, xb = items.max_norm, items.max_rounding_norm
+    r = np.abs(np.asarray(magnitudes, np.float64))
+    u = BF16_UNIT_ROUNDOFF
+    return (a * xb + qa * b + qa * xb) + dim * 2.0**-23 * a * b + u * r / (1 - u)
+
+
+def exact_knn(
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    *,
+    method: ExactMethod = "auto",
+    bf16_items: Bf16Items | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: (scores, row numbers into ``vectors``), both (nq, k), best first.
+
+    Rows with fewer than k items are padded with -inf / -1, as ``faiss.knn`` does.
+    ``bf16_items``: a cached :class:`Bf16Items` of ``vectors`` (saves converting them)."""
+    if method not in EXACT_METHODS:
+        raise ValueError(f"exact search method must be one of {', '.join(EXACT_METHODS)}, got {method!r}")
+    if method == "auto":
+        method = "bf16-rescored" if use_bf16(len(queries), len(vectors), k) else "fp32"
+    if method == "bf16-rescored" and len(vectors) > k + CANDIDATE_MARGIN:
+        return bf16_rescored_knn(queries, vectors, k, bf16_items=bf16_items)
+    return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def use_bf16(n_queries: int, n_items: int, k: int) -> bool:
+    """Whether "auto" takes the bf16 first pass for a search of this size."""
+    return (
+        cpu_has_fast_bf16()
+        and n_items >= max(BF16_MIN_ITEMS, 4 * (k + CANDIDATE_MARGIN))
+        and n_queries * n_items >= BF16_MIN_PAIRS
+    )
+
+
+def bf16_rescored_knn(
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    *,
+    bf16_items: Bf16Items | None = None,
+    candidates: int | None = None,
+    stats: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k through a bf16 candidate pass, fp32 rescoring and a certificate (module doc).
+
+    ``stats`` (optional dict) receives ``uncertified``: the queries redone with ``faiss.knn``."""
+    import torch
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n_queries, dim = queries.shape
+    n_items = len(vectors)
+    c = min(n_items, candidates or k + CANDIDATE_MARGIN)
+    if c <= k or n_queries == 0:
+        return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    items = bf16_items if bf16_items is not None else Bf16Items.from_vectors(vectors)
+    scores = np.empty((n_queries, k), dtype=np.float32)
+    labels = np.empty((n_queries, k), dtype=np.int64)
+    certified = np.empty(n_queries, dtype=bool)
+    with torch.inference_mode():
+        for start, stop, best_vals, best_rows in _query_candidates(queries, items.vectors_t, c):
+            q = queries[start:stop]
+            rounded = torch.from_numpy(q).to(torch.bfloat16).float().numpy()
+            a, qa = _norms(rounded), _norms(q - rounded)
+            vals = best_vals.float().numpy()  # bf16 scores, best first
+            # rescore only candidates that can reach the top k: the k-th exact score is at least
+            # vals[k-1] - slack, and a candidate scores at most its bf16 score + slack
+            slack = bf16_error_bounds(a, qa, items, dim, np.abs(vals).max(axis=1))
+            cand = np.where(vals >= (vals[:, k - 1] - 2 * slack)[:, None], best_rows.numpy(), -1)  # a prefix
+            d = np.empty((stop - start, k), dtype=np.float32)
+            i = np.empty((stop - start, k), dtype=np.int64)
+            faiss.knn_inner_products_by_idx(
+                faiss.swig_ptr(q), faiss.swig_ptr(vectors), faiss.swig_ptr(np.ascontiguousarray(cand, dtype=np.int64)),
+                dim, stop - start, n_items, c, k, faiss.swig_ptr(d), faiss.swig_ptr(i), c,
+            )  # fmt: skip  (the ids are read up to the first -1)
+            scores[start:stop], labels[start:stop] = d, i
+            # an item outside the candidates scores at most the c-th bf16 score + its slack
+            cth = vals[:, -1]
+            certified[start:stop] = d[:, -1] > cth + bf16_error_bounds(a, qa, items, dim, np.abs(cth))
+    redo = np.flatnonzero(~certified)
+    if len(redo):
+        scores[redo], labels[redo] = faiss.knn(queries[redo], vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    if stats is not None:
+        stats["uncertified"] = int(len(redo))
+    return scores, labels
+
+
+def _query_candidates(queries: np.ndarray, items_t, c: int):
+    """Per block of queries: (start, stop, values, rows) of the c best items by bf16 score, best first."""
+    import torch
+
+    n_items = items_t.shape[1]
+    item_block = min(n_items, max(c, BLOCK_ELEMENTS // 1024))
+    query_block = max(1, min(len(queries), BLOCK_ELEMENTS // item_block))
+    # one score buffer for every product: a fresh 64 MB result per product costs more in page
+    # faults than the product itself
+    buffer = torch.empty(query_block * item_block, dtype=torch.bfloat16)
+    for start in range(0, len(queries), query_block):
+        stop = min(len(queries), start + query_block)
+        q_bf16 = torch.from_numpy(queries[start:stop]).to(torch.bfloat16)
+        best = None
+        for first in range(0, n_items, item_block):
+            block = items_t[:, first : first + item_block]
+            sims = torch.matmul(q_bf16, block, out=buffer[: len(q_bf16) * block.shape[1]].view(len(q_bf16), -1))
+            best = _merge_top(best, sims, first, c)
+        vals, order = torch.sort(best[0], dim=1, descending=True)
+        yield start, stop, vals, torch.gather(best[1], 1, order)
+
+
+def _merge_top(best, sims, first_row: int, c: int):
+    """The c best (values, item rows) of ``best`` and the score block ``sims`` (items from
+    ``first_row``). The c-th merged value is >= the c-th of each part, so it bounds every item
+    dropped on the way."""
+    import torch
+
+    vals, rows = torch.topk(sims, min(c, sims.shape[1]), dim=1, sorted=False)
+    rows += first_row
+    if best is None:
+        return vals, rows
+    vals_all, rows_all = torch.cat([best[0], vals], dim=1), torch.cat([best[1], rows], dim=1)
+    vals, pick = torch.topk(vals_all, min(c, vals_all.shape[1]), dim=1, sorted=False)
+    return vals, torch.gather(rows_all, 1, pick)
+
+
+__all__ = ["EXACT_METHODS", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "cpu_has_fast_bf16", "exact_knn", "use_bf16"]
