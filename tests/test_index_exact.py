@@ -70,7 +70,7 @@ def test_near_ties_below_bf16_resolution_are_certified_or_redone():
 
 
 def test_item_blocks_are_merged_without_losing_the_best(vectors, monkeypatch):
-    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 64 * 1024)  # item blocks of 64 rows: 5 merges
+    monkeypatch.setattr(exact, "ITEM_BLOCK", 64)  # blocks of 64 items: 4 merges, a short last block
     scores, rows = bf16_rescored_knn(vectors[:40], vectors, K)
     _assert_exact(scores, rows, vectors[:40], vectors, K)
 
@@ -81,7 +81,7 @@ def test_error_bound_holds_for_every_pair(vectors):
     items = Bf16Items.from_vectors(vectors)
     queries = vectors[:64]
     q_bf16 = torch.from_numpy(queries).to(torch.bfloat16)
-    bf16_scores = (q_bf16 @ items.vectors_t).float().numpy()
+    bf16_scores = (q_bf16 @ items.matrix().T).float().numpy()
     exact_scores = queries.astype(np.float64) @ vectors.T.astype(np.float64)
     rounded = q_bf16.float().numpy()
     bound = bf16_error_bounds(
@@ -121,7 +121,7 @@ def test_flat_index_bf16_path_matches_fp32_after_upserts_and_deletes(real, vecto
     assert not np.isin(bf16.ids, ids[:50]).any()
     assert (bf16.ids == fp32.ids).mean() > 0.99  # only tied items may swap
     index = indexes["bf16-rescored"]
-    copy = index._bf16_copy.vectors_t.T.float().numpy()  # the copy searched is of the current vectors
+    copy = index._bf16_copy.matrix().float().numpy()  # the copy searched is of the current vectors
     np.testing.assert_allclose(copy, index._stored_vectors(), atol=2**-8)
     assert index.describe()["exact_method"] == "bf16-rescored"
     with pytest.raises(ValueError, match="exact_method must be one of auto, fp32, bf16-rescored, got 'fast'"):

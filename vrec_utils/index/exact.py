@@ -36,8 +36,9 @@ BF16_MIN_ITEMS = 2048
 #: candidates per query: k plus this margin (on fashion-small, 32 candidates for k=10 certify all
 #: but 0.3% of the queries; those are redone in fp32)
 CANDIDATE_MARGIN = 22
-#: bf16 score block: queries x items per product (bf16, so 2 bytes each)
+#: bf16 scores per product (queries x items, 2 bytes each), and items per block of the bf16 copy
 BLOCK_ELEMENTS = 2**25
+ITEM_BLOCK = 32768
 
 
 @functools.cache
@@ -53,29 +54,43 @@ def cpu_has_fast_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Bf16Items:
-    """bf16 copy of the item vectors, with what the error bound needs to know about the rounding."""
+    """bf16 copy of the item vectors, with what the error bound needs to know about the rounding.
 
-    vectors_t: Any  # torch.bfloat16 tensor (d, n): transposed once, the products read it as is
+    Stored as transposed (d, ITEM_BLOCK) blocks, each contiguous: the products read them as they
+    are. A column slice of one (d, n) matrix is several times slower to multiply at 1M items (its
+    rows lie n * 2 bytes apart)."""
+
+    blocks_t: tuple  # torch.bfloat16 tensors (d, m): items [i * block_size, i * block_size + m)
+    block_size: int
     max_norm: float  # max |x~| (x~: the bf16 vector)
     max_rounding_norm: float  # max |x - x~|
 
     def __len__(self) -> int:
-        return int(self.vectors_t.shape[1])
+        return sum(int(b.shape[1]) for b in self.blocks_t)
 
     @classmethod
-    def from_vectors(cls, vectors: np.ndarray, chunk: int = 65536) -> "Bf16Items":
+    def from_vectors(cls, vectors: np.ndarray) -> "Bf16Items":
         import torch
 
-        with warnings.catch_warnings():  # read-only arrays (faiss storage, memory maps): only read here
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            items = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(torch.bfloat16)
-        max_norm = max_rounding = 0.0
-        for start in range(0, len(vectors), chunk):
-            rounded = items[start : start + chunk].float()
+        blocks, max_norm, max_rounding = [], 0.0, 0.0
+        block_size = ITEM_BLOCK
+        for start in range(0, len(vectors), block_size):
+            part = np.ascontiguousarray(vectors[start : start + block_size], dtype=np.float32)
+            with warnings.catch_warnings():  # read-only arrays (faiss storage, memory maps): only read
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                exact = torch.from_numpy(part)
+            rounded_bf16 = exact.to(torch.bfloat16)
+            rounded = rounded_bf16.float()
             max_norm = max(max_norm, float(_norms(rounded).max(initial=0.0)))
-            error = torch.from_numpy(np.asarray(vectors[start : start + chunk], dtype=np.float32)) - rounded
-            max_rounding = max(max_rounding, float(_norms(error).max(initial=0.0)))
-        return cls(items.T.contiguous(), max_norm, max_rounding)
+            max_rounding = max(max_rounding, float(_norms(exact - rounded).max(initial=0.0)))
+            blocks.append(rounded_bf16.T.contiguous())
+        return cls(tuple(blocks), block_size, max_norm, max_rounding)
+
+    def matrix(self):
+        """All items as one (n, d) bf16 tensor (a copy)."""
+        import torch
+
+        return torch.cat([b.T for b in self.blocks_t]) if self.blocks_t else torch.zeros(0, 0, dtype=torch.bfloat16)
 
 
 def _norms(matrix) -> np.ndarray:
@@ -154,7 +169,7 @@ def bf16_rescored_knn(
     labels = np.empty((n_queries, k), dtype=np.int64)
     certified = np.empty(n_queries, dtype=bool)
     with torch.inference_mode():
-        for start, stop, best_vals, best_rows in _query_candidates(queries, items.vectors_t, c):
+        for start, stop, best_vals, best_rows in _query_candidates(queries, items, c):
             q = queries[start:stop]
             rounded = torch.from_numpy(q).to(torch.bfloat16).float().numpy()
             a, qa = _norms(rounded), _norms(q - rounded)
@@ -181,24 +196,22 @@ def bf16_rescored_knn(
     return scores, labels
 
 
-def _query_candidates(queries: np.ndarray, items_t, c: int):
+def _query_candidates(queries: np.ndarray, items: Bf16Items, c: int):
     """Per block of queries: (start, stop, values, rows) of the c best items by bf16 score, best first."""
     import torch
 
-    n_items = items_t.shape[1]
-    item_block = min(n_items, max(c, BLOCK_ELEMENTS // 1024))
-    query_block = max(1, min(len(queries), BLOCK_ELEMENTS // item_block))
+    widest = max(int(b.shape[1]) for b in items.blocks_t)
+    query_block = max(1, min(len(queries), BLOCK_ELEMENTS // widest))
     # one score buffer for every product: a fresh 64 MB result per product costs more in page
     # faults than the product itself
-    buffer = torch.empty(query_block * item_block, dtype=torch.bfloat16)
+    buffer = torch.empty(query_block * widest, dtype=torch.bfloat16)
     for start in range(0, len(queries), query_block):
         stop = min(len(queries), start + query_block)
         q_bf16 = torch.from_numpy(queries[start:stop]).to(torch.bfloat16)
         best = None
-        for first in range(0, n_items, item_block):
-            block = items_t[:, first : first + item_block]
+        for number, block in enumerate(items.blocks_t):
             sims = torch.matmul(q_bf16, block, out=buffer[: len(q_bf16) * block.shape[1]].view(len(q_bf16), -1))
-            best = _merge_top(best, sims, first, c)
+            best = _merge_top(best, sims, number * items.block_size, c)
         vals, order = torch.sort(best[0], dim=1, descending=True)
         yield start, stop, vals, torch.gather(best[1], 1, order)
 
