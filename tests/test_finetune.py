@@ -344,6 +344,10 @@ def test_measure_finetune_end_to_end(mini_run, tiny_fashion, ft_workdir):
     query = m.example_queries(tiny_fashion, 1)[0]
     rows = m.similar_rows(tiny_fashion, query, 3)
     assert all(set(f["item_id"]) <= eval_ids - {query} for f in rows.values())
+    for frame in rows.values():  # found through the index layer, in the columns notebook 07 shows
+        assert list(frame.columns) == ["query_id", "rank", "item_id", "score", "title", m.label]
+        assert list(frame["rank"]) == [1, 2, 3] and frame["score"].is_monotonic_decreasing
+    assert list(m.text_results.columns[:4]) == ["query_text", "rank", "item_id", "score"]
 
 
 @pytest.mark.slow

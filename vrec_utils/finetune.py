@@ -1215,17 +1215,23 @@ def text_queries(
         embeddings = embeddings.restrict(ids)
     embedder = create_embedder(model, device=device)
     text = embedder.embed_texts(list(queries))
-    scores = text @ np.asarray(embeddings.vectors, dtype=np.float32).T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    rows = []
-    for q, query in enumerate(queries):
-        for rank, pos in enumerate(top[q], start=1):
-            item_id = str(embeddings.ids[pos])
-            row = {"query_text": query, "rank": rank, "item_id": item_id, "score": float(scores[q, pos]), "title": catalog.items.at[item_id, "title"]}
-            if label is not None:
-                row[label] = catalog.items.at[item_id, label]
-            rows.append(row)
-    return pd.DataFrame(rows)
+    frame = _index_of(embeddings).search(text, k).to_frame(catalog)
+    frame.insert(0, "query_text", np.asarray(list(queries), dtype=object)[frame.pop("query").to_numpy()])
+    return _result_columns(frame, "query_text", label)
+
+
+def _index_of(embeddings):
+    """An exact in-memory FAISS index of ``embeddings`` (not saved: these pools are subsets)."""
+    from .index import create_index
+
+    index = create_index("faiss", model=embeddings.model, dim=embeddings.dim)
+    index.add(embeddings.ids, embeddings.vectors)
+    return index
+
+
+def _result_columns(frame: pd.DataFrame, query_column: str, label: str | None) -> pd.DataFrame:
+    columns = [query_column, "rank", "item_id", "score", "title"] + ([label] if label is not None else [])
+    return frame[[c for c in columns if c in frame.columns]].reset_index(drop=True)
 
 
 def similar_among(
@@ -1243,20 +1249,9 @@ def similar_among(
     from .store import load_embeddings
 
     embeddings = load_embeddings(workdir, catalog, model)
-    pool = embeddings.restrict(ids)
-    queries = embeddings.vectors_for([str(q) for q in query_ids])
-    scores = np.asarray(queries, dtype=np.float32) @ np.asarray(pool.vectors, dtype=np.float32).T
-    pool_ids = pool.ids.astype(str)
-    rows = []
-    for q, query_id in enumerate(map(str, query_ids)):
-        scores[q, pool_ids == query_id] = -np.inf  # never the query itself
-        for rank, pos in enumerate(np.argsort(-scores[q], kind="stable")[:k], start=1):
-            item_id = str(pool_ids[pos])
-            row = {"query_id": query_id, "rank": rank, "item_id": item_id, "score": float(scores[q, pos]), "title": catalog.items.at[item_id, "title"]}
-            if label is not None:
-                row[label] = catalog.items.at[item_id, label]
-            rows.append(row)
-    return pd.DataFrame(rows)
+    query_ids = [str(q) for q in query_ids]
+    result = _index_of(embeddings.restrict(ids)).search(embeddings.vectors_for(query_ids), k, exclude_ids=query_ids)
+    return _result_columns(result.to_frame(catalog), "query_id", label)
 
 
 def label_text_precision(
