@@ -2,9 +2,10 @@
 
 Vectors are L2-normalised, so the inner product is the cosine similarity.
 
-* ``ann="none"`` (default): ``IndexFlatIP``, exact. Large searches on CPUs with AMX-BF16 take
-  a bf16 first pass and rescore its candidates in fp32, with a certificate that the answer is the
-  exact one (``exact.py``; ``exact_method`` setting): about twice as fast as ``faiss.knn`` there.
+* ``ann="none"`` (default): ``IndexFlatIP``, exact. Batches of 256+ queries on CPUs with AMX-BF16
+  take a bf16 first pass and rescore its candidates in fp32, with a certificate that the answer is
+  the exact one (``exact.py``; ``exact_method`` setting): 2.6x ``IndexFlatIP.search`` on
+  fashion-small all-vs-all (0.53 s vs 1.39 s), after a one-off bf16 copy of the vectors.
 * ``ann="hnsw"``: ``IndexHNSWFlat`` (``hnsw_m`` 32, ``ef_construction`` 80; ``ef_search`` 64 at
   query time).
 * ``ann="ivf"``: ``IndexIVFFlat`` (``nlist`` = sqrt(n) lists, trained on the first batch added;
