@@ -191,6 +191,14 @@ def test_cli_index_with_hnsw_settings(real, cli_catalog, capsys):
     assert (summary["ann"], summary["ef_search"]) == ("hnsw", 64)
 
 
+def test_cli_index_exact_method_is_a_search_setting_of_the_saved_index(real, cli_catalog, capsys):
+    _, workdir, _ = real
+    for method in ("fp32", "bf16-rescored"):  # the same saved index, reloaded with each
+        code, out, err = _cli(capsys, "index", "--catalog", cli_catalog, "--workdir", workdir, "--model", MODEL, "--exact-method", method, "--json")
+        assert code == 0, err
+        assert json.loads(out)["exact_method"] == method
+
+
 def test_cli_search_by_image_json(real, cli_catalog, capsys):
     catalog, workdir, embeddings = real
     image = catalog.image_path(embeddings.ids[5])

@@ -13,7 +13,7 @@ from ..catalog import load_catalog
 from ..index import build_index
 from ._common import UserError, add_catalog_args, print_json, split_list
 
-FAISS_OPTIONS = ("ann", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "threads")
+FAISS_OPTIONS = ("ann", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "threads", "exact_method")
 ES_OPTIONS = ("config_file", "index_name", "index_type", "num_candidates")
 _FLAGS = {"config_file": "--es-config", "index_name": "--es-index", "index_type": "--es-index-type"}
 
@@ -47,6 +47,10 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(n))")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default 1.5*sqrt(nlist))")
     g.add_argument("--threads", type=int, default=None, help="FAISS threads (default: the CPUs available)")
+    g.add_argument(
+        "--exact-method", choices=("auto", "fp32", "bf16-rescored"), default=None,
+        help="exact search: bf16 first pass + fp32 rescoring, same answers (auto: on AMX CPUs, 256+ queries); fp32: faiss only",
+    )  # fmt: skip
     e = p.add_argument_group("Elasticsearch settings (connection from VREC_ES_* variables or --es-config)")
     e.add_argument("--es-config", dest="config_file", default=None, metavar="FILE", help="JSON/TOML file: url, api_key or username/password, ca_certs, index")
     e.add_argument("--es-index", dest="index_name", default=None, metavar="NAME", help="index name (default: VREC_ES_INDEX or vrec-<catalog>)")
