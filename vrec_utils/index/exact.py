@@ -32,7 +32,7 @@ EXACT_METHODS: tuple[str, ...] = ("auto", "fp32", "bf16-rescored")
 BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
 #: "auto" uses the bf16 first pass for batches of at least this many queries over at least this
 #: many items: there the product is compute-bound and bf16 pays for the one-off copy of the items
-#: (0.2 s at 12,000 x 1280, 7 s at 1M); a few queries go to faiss.knn
+#: (0.2 s at 12,000 x 1280, 8 s at 1M); a few queries go to faiss.knn
 BF16_MIN_QUERIES = 256
 BF16_MIN_ITEMS = 2048
 #: candidates per query: k plus a margin that grows with the items, since more items means more
