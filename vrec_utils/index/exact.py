@@ -131,13 +131,21 @@ def exact_knn(
 
     Rows with fewer than k items are padded with -inf / -1, as ``faiss.knn`` does.
     ``bf16_items``: a cached :class:`Bf16Items` of ``vectors`` (saves converting them)."""
+    if resolve_exact_method(method, len(queries), len(vectors), k) == "bf16-rescored":
+        return bf16_rescored_knn(queries, vectors, k, bf16_items=bf16_items)
+    return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def resolve_exact_method(method: str, n_queries: int, n_items: int, k: int) -> str:
+    """The method a search of this size runs: "fp32" or "bf16-rescored" ("auto" decided by
+    :func:`use_bf16`; the bf16 pass also needs more items than its candidates)."""
     if method not in EXACT_METHODS:
         raise ValueError(f"exact search method must be one of {', '.join(EXACT_METHODS)}, got {method!r}")
     if method == "auto":
-        method = "bf16-rescored" if use_bf16(len(queries), len(vectors), k) else "fp32"
-    if method == "bf16-rescored" and len(vectors) > k + candidate_margin(len(vectors)):
-        return bf16_rescored_knn(queries, vectors, k, bf16_items=bf16_items)
-    return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        method = "bf16-rescored" if use_bf16(n_queries, n_items, k) else "fp32"
+    if method == "bf16-rescored" and n_items <= k + candidate_margin(n_items):
+        return "fp32"
+    return method
 
 
 def candidate_margin(n_items: int) -> int:
@@ -180,9 +188,9 @@ def bf16_rescored_knn(
     labels = np.empty((n_queries, k), dtype=np.int64)
     certified = np.empty(n_queries, dtype=bool)
     with torch.inference_mode():
-        for start, stop, best_vals, best_rows in _query_candidates(queries, items, c):
+        for start, stop, q_bf16, best_vals, best_rows in _query_candidates(queries, items, c):
             q = queries[start:stop]
-            rounded = torch.from_numpy(q).to(torch.bfloat16).float().numpy()
+            rounded = q_bf16.float().numpy()
             a, qa = _norms(rounded), _norms(q - rounded)
             vals = best_vals.float().numpy()  # bf16 scores, best first
             # rescore only candidates that can reach the top k: the k-th exact score is at least
@@ -208,7 +216,8 @@ def bf16_rescored_knn(
 
 
 def _query_candidates(queries: np.ndarray, items: Bf16Items, c: int):
-    """Per block of queries: (start, stop, values, rows) of the c best items by bf16 score, best first."""
+    """Per block of queries: (start, stop, the bf16 queries, values, rows) of the c best items by
+    bf16 score, best first."""
     import torch
 
     widest = max(int(b.shape[1]) for b in items.blocks_t)
@@ -224,7 +233,7 @@ def _query_candidates(queries: np.ndarray, items: Bf16Items, c: int):
             sims = torch.matmul(q_bf16, block, out=buffer[: len(q_bf16) * block.shape[1]].view(len(q_bf16), -1))
             best = _merge_top(best, sims, number * items.block_size, c)
         vals, order = torch.sort(best[0], dim=1, descending=True)
-        yield start, stop, vals, torch.gather(best[1], 1, order)
+        yield start, stop, q_bf16, vals, torch.gather(best[1], 1, order)
 
 
 def _merge_top(best, sims, first_row: int, c: int):
@@ -242,4 +251,4 @@ def _merge_top(best, sims, first_row: int, c: int):
     return vals, torch.gather(rows_all, 1, pick)
 
 
-__all__ = ["EXACT_METHODS", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "cpu_has_fast_bf16", "exact_knn", "use_bf16"]
+__all__ = ["EXACT_METHODS", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "cpu_has_fast_bf16", "exact_knn", "resolve_exact_method", "use_bf16"]

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from .base import VectorIndex, register_index
-from .exact import EXACT_METHODS, Bf16Items, exact_knn, use_bf16
+from .exact import EXACT_METHODS, Bf16Items, bf16_rescored_knn, exact_knn, resolve_exact_method
 
 ANN_KINDS = ("none", "hnsw", "ivf")
 VECTORS_FILE = "vectors.faiss"
@@ -150,7 +150,7 @@ def _single_threaded_blas() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` inside the block (None: unchanged)."""
+    """torch's intra-op threads (the bf16 exact path) set to ``n`` inside the block (None: unchanged)."""
     if n is None:
         yield
         return
@@ -326,7 +326,7 @@ class FaissIndex(VectorIndex):
         labels = np.full((n, kk), -1, dtype=np.int64)
         scores = np.full((n, kk), -np.inf, dtype=np.float32)
         if len(self._pos):
-            with omp_threads(self.settings.threads):
+            with omp_threads(self.settings.threads), _torch_threads(self.settings.threads):
                 for flt, rows in _group_by_filter(filters, n):
                     mask = self._allowed(flt)
                     d, i = self._search_group(queries[rows], kk, mask, ef_search, nprobe)
@@ -467,22 +467,17 @@ class FaissIndex(VectorIndex):
         if self.settings.ann == "none" and len(allowed) == self._faiss.ntotal:
             return self._exact_all(q, kk)
         vectors = self._vectors_for(allowed)
-        with _torch_threads(self.settings.threads):
-            d, i = exact_knn(q, vectors, kk, method=self.settings.exact_method)
+        d, i = exact_knn(q, vectors, kk, method=self.settings.exact_method)
         return d, np.where(i >= 0, allowed[np.maximum(i, 0)], -1)
 
     def _exact_all(self, q, kk):
         """Exact search over every stored vector of a flat index (labels = rows)."""
         vectors = self._stored_vectors()
-        method = self.settings.exact_method
-        if method == "auto":
-            method = "bf16-rescored" if use_bf16(len(q), len(vectors), kk) else "fp32"
-        if method == "fp32":
+        if resolve_exact_method(self.settings.exact_method, len(q), len(vectors), kk) == "fp32":
             return self._faiss.search(q, kk)
-        with _torch_threads(self.settings.threads):
-            if self._bf16_copy is None or len(self._bf16_copy) != len(vectors):
-                self._bf16_copy = Bf16Items.from_vectors(vectors)
-            return exact_knn(q, vectors, kk, method=method, bf16_items=self._bf16_copy)
+        if self._bf16_copy is None or len(self._bf16_copy) != len(vectors):
+            self._bf16_copy = Bf16Items.from_vectors(vectors)
+        return bf16_rescored_knn(q, vectors, kk, bf16_items=self._bf16_copy)
 
     # -- persistence -------------------------------------------------------------------------------
     def _save(self, directory: Path) -> dict[str, Any]:
