@@ -1207,16 +1207,13 @@ def text_queries(
 ) -> pd.DataFrame:
     """Text-to-image search among ``ids`` (default: every cached item): one row per
     (query, rank) with query_text, rank, item_id, score, title and ``label``."""
-    from .models import create_embedder
+    from .search import search_by_text
     from .store import load_embeddings
 
     embeddings = load_embeddings(workdir, catalog, model)
     if ids is not None:
         embeddings = embeddings.restrict(ids)
-    embedder = create_embedder(model, device=device)
-    text = embedder.embed_texts(list(queries))
-    frame = _index_of(embeddings).search(text, k).to_frame(catalog)
-    frame.insert(0, "query_text", np.asarray(list(queries), dtype=object)[frame.pop("query").to_numpy()])
+    frame = search_by_text(catalog, workdir, model, list(queries), k, device=device, index=_index_of(embeddings))
     return _result_columns(frame, "query_text", label)
 
 
@@ -1246,12 +1243,11 @@ def similar_among(
 ) -> pd.DataFrame:
     """"Similar items" restricted to ``ids`` (e.g. the evaluation split, so that no trained-on
     item shows up): one row per (query_id, rank) with item_id, score, title and ``label``."""
+    from .search import recommend
     from .store import load_embeddings
 
-    embeddings = load_embeddings(workdir, catalog, model)
-    query_ids = [str(q) for q in query_ids]
-    result = _index_of(embeddings.restrict(ids)).search(embeddings.vectors_for(query_ids), k, exclude_ids=query_ids)
-    return _result_columns(result.to_frame(catalog), "query_id", label)
+    pool = _index_of(load_embeddings(workdir, catalog, model).restrict(ids))
+    return _result_columns(recommend(catalog, workdir, model, list(query_ids), k, index=pool), "query_id", label)
 
 
 def label_text_precision(

@@ -103,11 +103,7 @@ def search_by_image(
     index = _index(index, workdir, catalog, model, backend, index_config)
     embedder = _embedder(embedder, model, weights, device)
     _check_same_weights(embedder, workdir, catalog, model)
-    vectors = embedder.embed_images(pictures)
-    result = index.search(vectors, k, filters=filters)
-    frame = result.to_frame(catalog)
-    frame.insert(1, "query_image", np.asarray(names, dtype=object)[frame["query"].to_numpy()] if len(frame) else [])
-    return frame
+    return _search_frame(index, embedder.embed_images(pictures), k, filters, catalog, "query_image", names)
 
 
 def search_by_text(
@@ -138,14 +134,17 @@ def search_by_text(
     index = _index(index, workdir, catalog, model, backend, index_config)
     embedder = _embedder(embedder, model, weights, device)
     _check_same_weights(embedder, workdir, catalog, model)
-    vectors = embedder.embed_texts(queries)
-    result = index.search(vectors, k, filters=filters)
-    frame = result.to_frame(catalog)
-    frame.insert(1, "query_text", np.asarray(queries, dtype=object)[frame["query"].to_numpy()] if len(frame) else [])
-    return frame
+    return _search_frame(index, embedder.embed_texts(queries), k, filters, catalog, "query_text", queries)
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def _search_frame(index: VectorIndex, vectors: np.ndarray, k: int, filters, catalog: Catalog, column: str, names: Sequence[str]) -> pd.DataFrame:
+    """Search ``vectors`` and return the result frame with ``column`` naming each query."""
+    frame = index.search(vectors, k, filters=filters).to_frame(catalog)
+    frame.insert(1, column, np.asarray(names, dtype=object)[frame["query"].to_numpy()] if len(frame) else [])
+    return frame
 
 
 def _as_list(values: str | Sequence[str], what: str) -> list[str]:
