@@ -134,6 +134,17 @@ def build(vectors: np.ndarray, ids: np.ndarray, metadata=None, **config):
     return index, seconds
 
 
+def flat_exact(table: Table, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, repeat: int, note: str = ""):
+    """Time vrec's exact flat search (the reference of the recall columns) and add its row: the
+    first search (which makes the bf16 copy, when that path is taken) apart from the steady state."""
+    flat, b_flat = build(vectors, ids)
+    _, t_first = timed(lambda: flat.search(queries, k))
+    exact, t_flat = timed(lambda: flat.search(queries, k), repeat)
+    method = "bf16 pass + fp32 rescoring" if use_bf16(len(queries), len(vectors), k) else "fp32 faiss.knn"
+    table.add("faiss flat (exact)", b_flat, len(queries), t_flat, 1.0, f"{note}{method}; first search {t_first:.2f}s")
+    return exact
+
+
 # ---------------------------------------------------------------------------------------- runs
 
 
@@ -144,15 +155,11 @@ def real_data(vectors: np.ndarray, ids: np.ndarray, metadata, k: int, hnsw: dict
     table.add("numpy matmul+argpartition", 0.0, n, t_np, None, "one 12k x 12k product (x numpy: vs this)")
     blocked, t_blocked = timed(lambda: numpy_topk(vectors, vectors, k), REPEAT)
     table.add("numpy, blocked by 4096 queries", 0.0, n, t_blocked, None, "stronger numpy baseline")
-    flat, b_flat = build(vectors, ids)
-    first, t_first = timed(lambda: flat.search(vectors, k))  # includes the bf16 copy, when made
-    exact, t_flat = timed(lambda: flat.search(vectors, k), REPEAT)
-    method = "bf16 pass + fp32 rescoring" if use_bf16(n, n, k) else "fp32 faiss.knn"
-    table.add("faiss flat (exact)", b_flat, n, t_flat, 1.0, f"vrec default ({method}); first search {t_first:.2f}s")
+    exact = flat_exact(table, vectors, ids, vectors, k, REPEAT, "vrec default, ")
     fp32, b_fp32 = build(vectors, ids, exact_method="fp32")
     plain, t_plain = timed(lambda: fp32.search(vectors, k), REPEAT)
     table.add("faiss flat, exact_method=fp32", b_fp32, n, t_plain, recall_at_k(plain.ids, exact.ids), "IndexFlatIP.search: fp32 BLAS + heaps")
-    del fp32, first
+    del fp32
     # numpy vs faiss agree up to exact ties (duplicate photos): report it
     table.rows[0]["recall"] = recall_at_k(ids[truth_np], exact.ids)
     table.rows[1]["recall"] = recall_at_k(ids[blocked], exact.ids)
@@ -211,12 +218,7 @@ def scaled(base: np.ndarray, sizes: list[int], n_queries: int, k: int, noise: fl
         repeat = REPEAT if n < 1_000_000 else 1
         _, t_np = timed(lambda: numpy_topk(vectors, queries, k, block=256), repeat)
         table.add("numpy matmul+argpartition", 0.0, n_queries, t_np, None, "blocked by 256 queries")
-        flat, b_flat = build(vectors, ids)
-        _, t_first = timed(lambda: flat.search(queries, k))  # makes the bf16 copy, when used
-        exact, t_flat = timed(lambda: flat.search(queries, k), repeat)
-        method = "bf16 pass + fp32 rescoring" if use_bf16(n_queries, n, k) else "fp32 faiss.knn"
-        table.add("faiss flat (exact)", b_flat, n_queries, t_flat, 1.0, f"{method}; first search {t_first:.1f}s")
-        del flat
+        exact = flat_exact(table, vectors, ids, queries, k, repeat)
         gc.collect()
         projected = hnsw_rate * n * np.log2(n) if hnsw_rate else None
         if projected is not None and projected > hnsw_budget:
