@@ -56,6 +56,7 @@ from scipy import sparse
 from scipy.special import ndtr, ndtri
 
 from .catalog import Catalog, Split, load_catalog
+from .index.exact import TIE_MARGIN, canonical_top_k
 from .metrics import check_gain, compute_metrics, default_metrics, ideal_from_counts, ideal_from_sparse_rows, parse_metric
 from .store import Embeddings, load_embeddings
 
@@ -357,8 +358,9 @@ def search_matrix(
     """Exact inner-product top-k over ``vectors`` for the rows ``query_pos``, by blocks of the
     similarity matrix. The query itself is excluded; with ``groups`` (an int code per
     candidate) only candidates of the query's group are searched, group by group. Returns
-    candidate positions (n, k), -1 where fewer exist, best first (ties: lower position first,
-    except that an item tied with the k-th best may be swapped for an equal one)."""
+    candidate positions (n, k), -1 where fewer exist, best first, with the project's tie rule
+    (:func:`vrec_utils.index.exact.canonical_top_k`: equal scores by lower position), so the
+    lists equal those of the index layer's exact search on any CPU."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     query_pos = np.asarray(query_pos, dtype=np.int64)
     out = np.full((len(query_pos), k), -1, dtype=np.int64)
@@ -369,9 +371,15 @@ def search_matrix(
         bounds = np.flatnonzero(np.diff(groups[query_pos][order])) + 1
         jobs = [(rows, np.flatnonzero(groups == groups[query_pos[rows[0]]])) for rows in np.split(order, bounds) if len(rows)]
     for rows, members in jobs:
+        pool = vectors[members]
         local = np.searchsorted(members, query_pos[rows])  # the queries' positions within the pool
-        found = _pool_top_k(vectors[members], local, k, block)
-        out[rows] = np.where(found >= 0, members[np.maximum(found, 0)], -1)
+        todo, wanted = np.arange(len(rows)), min(len(pool), k + TIE_MARGIN)
+        while len(todo):
+            found = _pool_top_k(pool, local[todo], wanted, block)
+            _, best, unresolved = canonical_top_k(pool[local[todo]], pool, found, k, complete=wanted >= len(pool) - 1)
+            done = todo[~unresolved]
+            out[rows[done]] = np.where(best[~unresolved] >= 0, members[np.maximum(best[~unresolved], 0)], -1)
+            todo, wanted = todo[unresolved], min(len(pool), 4 * wanted)
     return out
 
 

@@ -11,9 +11,13 @@ scores are not exact. ``bf16_rescored_knn`` uses them only to choose candidates 
    c-th bf16 score plus that bound. A query whose k-th rescored score is above it provably has its
    exact answer. The few queries that are not certified are searched again with ``faiss.knn``.
 
-The answer is the exact fp32 answer (up to the order of float summation, as between any two BLAS
-libraries); only the speed depends on the CPU. ``exact_knn`` picks the method ("auto": bf16 first
-pass when the CPU has AMX-BF16 and the search is large enough to pay for it).
+Neighbour lists are the same on every CPU, with or without AMX, in any thread count
+(:func:`canonical_top_k`): whichever kernel found the candidates, the final scores are float64
+dot products rounded to float32 (so no longer depend on a BLAS library's summation order), and
+equal scores are ordered by row, lower first. Duplicated vectors (the same photo listed twice) give
+exactly equal scores; without this rule fp32 and bf16 search, or two machines, listed different
+ones of them at the k-th place. ``exact_knn`` picks the method ("auto": bf16 first pass when the
+CPU has AMX-BF16 and the search is large enough to pay for it).
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ BF16_MIN_ITEMS = 2048
 #: bench_index: fashion-small (12,000 items), k=10: 0 of 12,000 queries uncertified with 64
 #: candidates; 1M perturbed vectors: 14 of 1,000 with 64, 0 with 128 (5.1 s vs 2.8 s).
 CANDIDATE_MARGIN = 54
+#: exact_knn asks its kernel for k + TIE_MARGIN rows, so that items tied at the k-th place are
+#: among them and the tie rule can pick the lower rows (more are fetched for the rare query
+#: with more ties than that)
+TIE_MARGIN = 8
 CANDIDATE_MARGIN_LARGE = 118  # from LARGE_INDEX items on
 LARGE_INDEX = 2**17
 #: bf16 scores per product (queries x items, 2 bytes each), and items per block of the bf16 copy
@@ -127,13 +135,80 @@ def exact_knn(
     method: ExactMethod = "auto",
     bf16_items: Bf16Items | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: (scores, row numbers into ``vectors``), both (nq, k), best first.
+    """Exact top-k by inner product: (scores, row numbers into ``vectors``), both (nq, k), best
+    first, equal scores by lower row (:func:`canonical_top_k`).
 
     Rows with fewer than k items are padded with -inf / -1, as ``faiss.knn`` does.
     ``bf16_items``: a cached :class:`Bf16Items` of ``vectors`` (saves converting them)."""
-    if resolve_exact_method(method, len(queries), len(vectors), k) == "bf16-rescored":
-        return bf16_rescored_knn(queries, vectors, k, bf16_items=bf16_items)
-    return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n_items = len(vectors)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    todo, wanted = np.arange(len(queries)), min(n_items, k + TIE_MARGIN)
+    while len(todo):
+        q = queries[todo]
+        if resolve_exact_method(method, len(q), n_items, wanted) == "bf16-rescored":
+            _, found = bf16_rescored_knn(q, vectors, wanted, bf16_items=bf16_items)
+        else:
+            _, found = faiss.knn(q, vectors, wanted, metric=faiss.METRIC_INNER_PRODUCT)
+        s, r, unresolved = canonical_top_k(q, vectors, found, k, complete=wanted >= n_items)
+        done = ~unresolved
+        scores[todo[done]], rows[todo[done]] = s[done], r[done]
+        todo, wanted = todo[unresolved], min(n_items, 4 * wanted)
+    return scores, rows
+
+
+def canonical_scores(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray, block: int = 256) -> np.ndarray:
+    """Scores of ``vectors[rows]`` (nq, c) for each query, float64 dot products rounded to float32
+    (-inf where a row is -1). The products of two float32 numbers are exact in float64 and the sum's
+    error is ~1e-13, so the rounded score is the same whatever order a CPU sums in."""
+    out = np.full(rows.shape, -np.inf, dtype=np.float32)
+    for start in range(0, len(rows), block):
+        r = rows[start : start + block]
+        q = queries[start : start + block].astype(np.float64)
+        x = vectors[np.maximum(r, 0)].astype(np.float64)  # (b, c, d)
+        s = np.matmul(x, q[:, :, None])[:, :, 0].astype(np.float32)
+        out[start : start + block] = np.where(r >= 0, s, -np.inf)
+    return out
+
+
+def kernel_tolerance(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Per query: a bound on how far a float32 score from any kernel used here (BLAS products,
+    faiss's per-pair products, bf16 candidates rescored in fp32) lies from the exact one:
+    d * 2^-23 * |q| * max |x| (twice the classic bound for recursive summation)."""
+    dim = queries.shape[1]
+    max_norm = float(_norms(vectors).max(initial=0.0)) if len(vectors) else 0.0
+    return dim * 2.0**-23 * _norms(queries).astype(np.float64) * max_norm
+
+
+def canonical_top_k(
+    queries: np.ndarray, vectors: np.ndarray, candidates: np.ndarray, k: int, *, complete: bool,
+    tolerance: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The project's tie rule: the k best of ``candidates`` (rows into ``vectors``, -1 = none) by
+    :func:`canonical_scores`, equal scores by lower row. Returns (scores, rows, unresolved).
+
+    ``candidates`` must be some kernel's top-c (c > k), or every eligible row (``complete``). An
+    item outside them then scores (exactly) at most the lowest candidate's score plus the kernel
+    error; where that could reach the k-th score, an item tied with it may be missing, and the
+    query is ``unresolved``: search it again with more candidates."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    valid = candidates >= 0
+    all_scores = canonical_scores(queries, vectors, candidates)
+    order = np.lexsort((np.where(valid, candidates, np.iinfo(np.int64).max), -all_scores), axis=1)
+    scores = np.take_along_axis(all_scores, order, axis=1)[:, :k]
+    rows = np.take_along_axis(candidates, order, axis=1)[:, :k]
+    if rows.shape[1] < k:
+        pad = ((0, 0), (0, k - rows.shape[1]))
+        scores, rows = np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
+    # a kernel that returned fewer rows than asked for returned every eligible one
+    full = complete | (valid.sum(axis=1) < candidates.shape[1])
+    if tolerance is None:
+        tolerance = kernel_tolerance(queries, vectors)
+    lowest = np.where(valid, all_scores, np.inf).min(axis=1).astype(np.float64)
+    unresolved = ~full & (lowest + 2 * tolerance >= scores[:, k - 1].astype(np.float64))
+    return scores, rows, unresolved
 
 
 def resolve_exact_method(method: str, n_queries: int, n_items: int, k: int) -> str:
@@ -251,4 +326,7 @@ def _merge_top(best, sims, first_row: int, c: int):
     return vals, torch.gather(rows_all, 1, pick)
 
 
-__all__ = ["EXACT_METHODS", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "cpu_has_fast_bf16", "exact_knn", "resolve_exact_method", "use_bf16"]
+__all__ = [
+    "EXACT_METHODS", "TIE_MARGIN", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "canonical_scores", "canonical_top_k",
+    "cpu_has_fast_bf16", "exact_knn", "kernel_tolerance", "resolve_exact_method", "use_bf16",
+]

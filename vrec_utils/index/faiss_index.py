@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from .base import VectorIndex, register_index
-from .exact import EXACT_METHODS, Bf16Items, bf16_rescored_knn, exact_knn, resolve_exact_method
+from .exact import EXACT_METHODS, TIE_MARGIN, Bf16Items, exact_knn, resolve_exact_method
 
 ANN_KINDS = ("none", "hnsw", "ivf")
 VECTORS_FILE = "vectors.faiss"
@@ -473,11 +473,11 @@ class FaissIndex(VectorIndex):
     def _exact_all(self, q, kk):
         """Exact search over every stored vector of a flat index (labels = rows)."""
         vectors = self._stored_vectors()
-        if resolve_exact_method(self.settings.exact_method, len(q), len(vectors), kk) == "fp32":
-            return self._faiss.search(q, kk)
-        if self._bf16_copy is None or len(self._bf16_copy) != len(vectors):
-            self._bf16_copy = Bf16Items.from_vectors(vectors)
-        return bf16_rescored_knn(q, vectors, kk, bf16_items=self._bf16_copy)
+        method = self.settings.exact_method
+        if resolve_exact_method(method, len(q), len(vectors), kk + TIE_MARGIN) == "bf16-rescored":
+            if self._bf16_copy is None or len(self._bf16_copy) != len(vectors):
+                self._bf16_copy = Bf16Items.from_vectors(vectors)
+        return exact_knn(q, vectors, kk, method=method, bf16_items=self._bf16_copy)
 
     # -- persistence -------------------------------------------------------------------------------
     def _save(self, directory: Path) -> dict[str, Any]:
