@@ -382,3 +382,46 @@ def test_openclip_siglip_architecture_builds_random(three_images) -> None:
     assert embedder.dim == 768
     with torch.inference_mode():
         assert embedder.encode_image(_pixels(embedder, three_images)).shape == (3, 768)
+
+
+# -- open_clip: never a random model under a real name -----------------------------------------------------
+def test_openclip_config_without_weights_is_refused_not_random(no_network: list, tmp_path: Path) -> None:
+    """open_clip itself only warns and returns a random model when the hub cache (or a local folder)
+    holds open_clip_config.json without its checkpoint; vrec refuses with the ways out."""
+    from vrec_utils.models.openclip import TINY_CLIP_CFG
+
+    snapshot = _fake_hub_repo(tmp_path / "hf" / "hub", "vrec-test/config-only")
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
+    with pytest.raises(ModelUnavailableError, match="vrec-test/config-only"):
+        create_embedder("openclip:hf-hub:vrec-test/config-only", device="cpu")
+    with pytest.raises(FileNotFoundError, match="no weight files .* in .*config-only"):
+        create_embedder("openclip:hf-hub:vrec-test/config-only", weights=snapshot, device="cpu")
+
+
+
+def test_openclip_weights_file_needs_no_tokenizer_and_keeps_the_tags_preprocessing(
+    no_network: list, tmp_path: Path, monkeypatch, three_images
+) -> None:
+    """``openclip:<arch> --weights FILE`` offline: images embed with no tokenizer files anywhere,
+    with the preprocessing every tag of the arch agrees on (SigLIP's, not CLIP's defaults), and
+    the loaded parameters are the file's; text fails only when asked for, with a clear error."""
+    import open_clip
+    from open_clip import factory, pretrained
+
+    from vrec_utils.models.openclip import TINY_CLIP_CFG
+
+    siglip_like = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "resize_mode": "squash"}
+    config = {**TINY_CLIP_CFG, "text_cfg": {**TINY_CLIP_CFG["text_cfg"], "hf_tokenizer_name": "vrec-test/absent-tokenizer"}}
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "vrec-tiny-siglip", config)
+    monkeypatch.setitem(pretrained._PRETRAINED, "vrec-tiny-siglip", {"webli": pretrained._slpcfg(hf_hub="vrec-test/x/", **siglip_like)})
+    source = open_clip.CLIP(**TINY_CLIP_CFG)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+
+    embedder = create_embedder("openclip:vrec-tiny-siglip", weights=tmp_path / "weights.pt", device="cpu")
+    assert "mean=(0.5, 0.5, 0.5)" in embedder.preprocess_id()
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(embedder.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    with torch.inference_mode():
+        assert embedder.encode_image(_pixels(embedder, three_images)).shape == (3, 32)
+    with pytest.raises(ModelUnavailableError, match="absent-tokenizer"):
+        embedder.embed_texts(["red dress"])

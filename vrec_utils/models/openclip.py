@@ -103,7 +103,26 @@ def _parse_arch_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     if tag and not tag_cfg:
         known = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
         raise ValueError(f"open_clip has no pretrained tag {tag!r} for {arch}; known tags: {known}")
+    if not tag:
+        tag_cfg = _shared_preprocessing(arch)
     return arch, tag, tag_cfg
+
+
+def _shared_preprocessing(arch: str) -> dict[str, Any]:
+    """The preprocessing every pretrained tag of ``arch`` agrees on (e.g. SigLIP's mean/std 0.5 and
+    plain resize for ViT-B-16-SigLIP), for weights given as a file without a tag; {} when the tags
+    disagree or there are none (open_clip's defaults then apply)."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    seen = {
+        json.dumps({key: cfg.get(key) for key in (*_TAG_OPTIONS, "quick_gelu")}, sort_keys=True, default=list)
+        for cfg in (get_pretrained_cfg(arch, t) for t in open_clip.list_pretrained_tags_by_model(arch))
+    }
+    if len(seen) != 1:
+        return {}
+    shared = json.loads(seen.pop())
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in shared.items() if value is not None}
 
 
 @register_model(
@@ -153,11 +172,26 @@ def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> Ope
     cache_dir = hf_cache_dir()
 
     def load() -> tuple[torch.nn.Module, Any]:
-        # seeded: random weights are reproducible, without touching the global RNG
-        with seeded_random_init(), _without_open_clip_error_logs():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, cache_dir=cache_dir, **options
-            )
+        # seeded: random weights are reproducible, without touching the global RNG.
+        # require_pretrained: open_clip otherwise only logs a warning and returns a random model
+        # when a config is found without its checkpoint; its full load is strict, so with this
+        # every parameter comes from the file.
+        require = not is_random(weights)
+        try:
+            with seeded_random_init(), _without_open_clip_error_logs():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=pretrained, cache_dir=cache_dir, require_pretrained=require, **options
+                )
+        except RuntimeError as exc:
+            if "Required pretrained weights" not in str(exc):  # open_clip's words for require_pretrained
+                raise
+            if weights is not None:
+                raise ModelUnavailableError(
+                    f"{name}: no open_clip checkpoint (open_clip_pytorch_model.bin or open_clip_model.safetensors) "
+                    f"in {weights}; vrec does not run a model whose weights did not load"
+                ) from exc
+            # a cache miss (the config is cached, its weights are not): fetched online if reachable
+            raise FileNotFoundError(f"{name}: the hub cache holds {hub_repo}'s config but not its weights file") from exc
         return model, preprocess
 
     def load_tokenizer() -> Callable:
@@ -166,9 +200,7 @@ def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> Ope
         )
 
     model, preprocess = hf_cache_first(load, model=name, repo_id=hub_repo or text_repo or spec)
-    tokenizer = Lazy(load_tokenizer)
-    if not is_random(weights):
-        tokenizer.get()  # a pretrained model is complete (text too) once built
+    tokenizer = Lazy(load_tokenizer)  # loaded on the first text: image-only work needs no tokenizer files
     if weights is None:
         weights_id = f"hf:{hub_repo}@{_hf_commit(hub_repo)}"
     return OpenClipEmbedder(name, model, preprocess, tokenizer, weights_id)
