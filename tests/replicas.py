@@ -1,0 +1,82 @@
+"""Offline replicas of the files real users download, for the real-weights path.
+
+Each builder writes the same file names and formats as the real hub repo, saved by the library's
+own functions, with tiny seeded random weights: what differs from the real thing is only the
+numbers in the weights. ``hub_cache_layout`` lays a folder out as a Hugging Face hub cache entry
+(``models--org--repo/refs/main`` + ``snapshots/<commit>/``), as a download leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+SIGLIP_BASE_REPO = "google/siglip-base-patch16-224"
+REPLICA_COMMIT = "7e5a1c0ffee0000000000000000000000000cafe"
+#: the files of google/siglip-base-patch16-224 (besides README.md and .gitattributes)
+SIGLIP_BASE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "tokenizer_config.json",
+)
+SIGLIP_SPECIAL_TOKENS = {"eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_sentencepiece(texts: Iterable[str], prefix: Path, vocab_size: int = 400) -> Path:
+    """A unigram SentencePiece model trained on ``texts``, with SigLIP's special ids
+    (</s> = 1 serves as eos and pad, <unk> = 2)."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        minloglevel=2, num_threads=1,
+    )  # fmt: skip
+    return prefix.with_suffix(".model")
+
+
+def build_siglip_base_replica(directory: Path, titles: Iterable[str], seed: int = 0) -> Path:
+    """``google/siglip-base-patch16-224``'s file layout: a SentencePiece tokenizer (spiece.model, no
+    tokenizer.json, as in the real repo), a SiglipModel at toy size, the image processor config."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
+
+    from vrec_utils.models._common import seeded_random_init
+
+    directory.mkdir(parents=True, exist_ok=True)
+    work = directory / "_spm"
+    work.mkdir(exist_ok=True)
+    spiece = train_sentencepiece(titles, work / "spiece")
+    tokenizer = SiglipTokenizer(vocab_file=str(spiece), model_max_length=16)
+    tokenizer.save_pretrained(directory)
+    shutil.rmtree(work)
+    (directory / "special_tokens_map.json").write_text(json.dumps(SIGLIP_SPECIAL_TOKENS))
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = SiglipConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 16, "pad_token_id": 1, "eos_token_id": 1},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+    )
+    with seeded_random_init(seed):
+        SiglipModel(config).save_pretrained(directory)  # config.json + model.safetensors
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    missing = [name for name in SIGLIP_BASE_FILES if not (directory / name).is_file()]
+    assert not missing, f"replica lacks {missing}"
+    return directory
+
+
+def hub_cache_layout(hub_cache: Path, repo_id: str, source: Path, commit: str = REPLICA_COMMIT) -> Path:
+    """Copy ``source``'s files into ``hub_cache`` as the hub client stores a download of ``repo_id``
+    (blobs are plain copies here; the client reads snapshots/<commit>/ and refs/main)."""
+    folder = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copy2(path, snapshot / path.name)
+    return snapshot
