@@ -68,6 +68,21 @@ def build_siglip_base_replica(directory: Path, titles: Iterable[str], seed: int 
     return directory
 
 
+def build_resnet50_replica(torch_home: Path, seed: int = 0) -> Path:
+    """torchvision's ``resnet50-11ad3fa6.pth`` (IMAGENET1K_V2) as torch.hub caches it
+    (``$TORCH_HOME/hub/checkpoints/``): a plain state dict of the real architecture."""
+    import torch
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    from vrec_utils.models._common import seeded_random_init
+
+    path = torch_home / "hub" / "checkpoints" / Path(ResNet50_Weights.IMAGENET1K_V2.url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with seeded_random_init(seed):
+        torch.save(resnet50(weights=None).state_dict(), path)
+    return path
+
+
 def hub_cache_layout(hub_cache: Path, repo_id: str, source: Path, commit: str = REPLICA_COMMIT) -> Path:
     """Copy ``source``'s files into ``hub_cache`` as the hub client stores a download of ``repo_id``
     (blobs are plain copies here; the client reads snapshots/<commit>/ and refs/main)."""

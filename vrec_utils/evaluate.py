@@ -781,6 +781,12 @@ class EvaluationResult:
         return payload
 
 
+def weights_of(embeddings: Embeddings) -> str:
+    """The weights identity recorded in an embedding cache's manifest, flagged when random."""
+    weights = str((embeddings.manifest.get("identity") or {}).get("weights") or "unknown")
+    return f"{weights} (random weights: test only)" if weights.startswith("random-init") else weights
+
+
 def _num(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -1045,6 +1051,8 @@ def evaluate_embeddings(
         "backend": backend,
         "index_options": dict(index_options or {}),
         "catalog": catalog.name,
+        # which weights made each model's numbers (a digest; "random-init" marks test-only models)
+        "weights": {name: weights_of(emb) for name, emb in embeddings.items()},
         "split": None if split is None else {"seed": split.seed, "eval_fraction": split.eval_fraction},
         "exclude_duplicates": bool(exclude_duplicates),
         "filter_column": filter_column,

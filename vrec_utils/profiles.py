@@ -90,6 +90,9 @@ class ResolvedProfile:
     requested: str
     models: list[str]
     notes: list[str] = field(default_factory=list)
+    #: each model's weights as they should be named beside its numbers (source and digest, or
+    #: random: test only), from the models built while resolving
+    weights: dict[str, str] = field(default_factory=dict)
 
     @property
     def fell_back(self) -> bool:
@@ -104,8 +107,10 @@ def resolve_profile(
     fallback: bool = True,
     device: str | None = "auto",
     progress: bool = True,
+    weights: Mapping[str, str] | None = None,
 ) -> ResolvedProfile:
-    """The models of profile ``name`` that load here.
+    """The models of profile ``name`` that load here (``weights``: local weights per model name,
+    e.g. ``{"siglip-base": DIR, "resnet50": FILE}``; the others come from the hub or torch caches).
 
     Each model is checked by building it (a missing download fails within seconds). When one
     cannot be loaded: with ``fallback`` the ``offline`` profile is used instead and a note says
@@ -114,9 +119,14 @@ def resolve_profile(
     found in ``workdir`` and reused.
     """
     profile = get_profile(name)
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(profile.models))
+    if unknown:
+        raise ValueError(f"--weights names {', '.join(unknown)}, not a model of profile {name!r} ({', '.join(profile.models)})")
     notes: list[str] = []
+    described: dict[str, str] = {}
     try:
-        models = [_resolve_model(m, catalog, workdir, device, progress, notes) for m in profile.models]
+        models = [_resolve_model(m, catalog, workdir, device, progress, notes, weights.get(m), described) for m in profile.models]
     except ModelUnavailableError as exc:
         reason = str(exc).splitlines()[0].rstrip(".")
         if not fallback or name == "offline":
@@ -129,21 +139,24 @@ def resolve_profile(
             f"Profile {name!r} ({', '.join(profile.models)}) could not be loaded here, so this run fell back "
             f"to the 'offline' profile ({', '.join(display_name(m) for m in fallen.models)}). Reason: {reason}"
         )
-        return ResolvedProfile("offline", name, fallen.models, [note, *fallen.notes])
-    return ResolvedProfile(name, name, models, notes)
+        return ResolvedProfile("offline", name, fallen.models, [note, *fallen.notes], fallen.weights)
+    return ResolvedProfile(name, name, models, notes, described)
 
 
-def _resolve_model(model: str, catalog: Catalog, workdir, device, progress: bool, notes: list[str]) -> str:
+def _resolve_model(
+    model: str, catalog: Catalog, workdir, device, progress: bool, notes: list[str], weights: str | None, described: dict[str, str]
+) -> str:
     if model == FINETUNED_MINI_SIGLIP:
         try:
             from .finetune import ensure_finetuned
         except ImportError:  # the fine-tuning module is optional here
             notes.append("the fine-tuned mini-SigLIP is not available (vrec_utils.finetune is missing); using the untuned base")
             return "mini-siglip"
-        return ensure_finetuned(catalog, workdir, base="mini-siglip", device=device, progress=progress)
+        model = ensure_finetuned(catalog, workdir, base="mini-siglip", device=device, progress=progress)
     from .models import create_embedder
 
-    create_embedder(model, device="cpu")  # raises ModelUnavailableError within seconds
+    # raises ModelUnavailableError within seconds
+    described[model] = create_embedder(model, weights=weights, device="cpu").describe_weights()
     return model
 
 
@@ -234,6 +247,8 @@ class RunContext:
     split: Split | None = None
     device: str | None = "auto"
     progress: bool = True
+    #: local weights per model name (``vrec report --weights``); other models load as registered
+    weights: dict[str, str] = field(default_factory=dict)
     _indexes: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     _embedders: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -261,6 +276,7 @@ class RunContext:
         lines = [
             f"**Profile `{self.profile}`**: {get_profile(self.profile).description}.",
             f"**Models:** {', '.join(f'`{display_name(m)}`' for m in self.models)}.",
+            "**Weights:** " + "; ".join(f"`{display_name(m)}`: {self.embedder(m).describe_weights()}" for m in self.models) + ".",
             f"**Catalog:** `{self.catalog.name}`, {len(self.catalog)} items"
             + (f"; queries come from the {len(self.query_ids)} held-out evaluation items (never trained on)." if self.split is not None else "."),
         ]
@@ -276,7 +292,7 @@ class RunContext:
         if model not in self._embedders:
             from .models import create_embedder
 
-            self._embedders[model] = create_embedder(model, device=self.device)
+            self._embedders[model] = create_embedder(model, weights=self.weights.get(model), device=self.device)
         return self._embedders[model]
 
     def text_models(self) -> list[str]:
@@ -536,18 +552,20 @@ def prepare(
     seed: int = 0,
     device: str | None = "auto",
     progress: bool = True,
+    weights: Mapping[str, str] | None = None,
 ) -> RunContext:
     """Open the catalog and resolve the models: the first call of every notebook.
 
     ``models`` (e.g. injected by ``vrec report``, which resolves the profile once) skips the
-    resolution; ``notes`` are carried along to be shown at the top.
+    resolution; ``notes`` are carried along to be shown at the top. ``weights``: local weights
+    per model name (``{"siglip-base": DIR}``), instead of the hub or torch caches.
     """
     get_profile(profile)
     opened = open_catalog(catalog, sample_size, seed)
     if models:
         resolved = ResolvedProfile(profile, profile, list(models), list(notes))
     else:
-        resolved = resolve_profile(profile, opened, workdir, fallback=fallback, device=device, progress=progress)
+        resolved = resolve_profile(profile, opened, workdir, fallback=fallback, device=device, progress=progress, weights=weights)
         resolved = ResolvedProfile(resolved.name, resolved.requested, resolved.models, [*notes, *resolved.notes])
     return RunContext(
         catalog=opened,
@@ -559,4 +577,19 @@ def prepare(
         split=training_split(resolved.models, opened),
         device=device,
         progress=progress,
+        weights=dict(weights or {}),
     )
+
+
+def parse_weights_option(text: str | None) -> dict[str, str]:
+    """``"siglip-base=DIR,resnet50=FILE"`` -> ``{"siglip-base": "DIR", "resnet50": "FILE"}`` (paths
+    made absolute: notebooks run in another folder)."""
+    weights: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        model, sep, path = part.partition("=")
+        if not sep or not model.strip() or not path.strip():
+            raise ValueError(f"--weights takes MODEL=PATH[,MODEL=PATH], got {part!r}")
+        if not Path(path.strip()).expanduser().exists():
+            raise ValueError(f"--weights {model.strip()}={path.strip()}: no such file or folder")
+        weights[model.strip()] = str(Path(path.strip()).expanduser().resolve())
+    return weights

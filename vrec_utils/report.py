@@ -214,11 +214,14 @@ def run_report(
     timeout: int = DEFAULT_CELL_TIMEOUT,
     progress: bool = True,
     log=None,
+    weights: Mapping[str, str] | None = None,
 ) -> ReportResult:
     """Run the numbered notebooks headless and write ``<out>/report.html`` (see the module docstring).
 
     ``out`` defaults to ``reports/<profile>``. ``parameters`` are extra notebook parameters
     (``k``, ``label_column``, ...). ``log`` receives one line per step (default: stderr).
+    ``weights``: local weights per model (``{"siglip-base": DIR, "resnet50": FILE}``), named in
+    the report's header like every model's weights.
     """
     import tqdm  # noqa: F401  (imported before TQDM_DISABLE is set for the kernels, so our own bars stay)
 
@@ -243,7 +246,7 @@ def run_report(
     opened = open_catalog(catalog_path, sample_size)
 
     say(f"vrec report: profile {profile!r} on {opened.name} ({len(opened)} items); resolving models ...")
-    resolved = resolve_profile(profile, opened, workdir, fallback=fallback, progress=progress)
+    resolved = resolve_profile(profile, opened, workdir, fallback=fallback, progress=progress, weights=weights)
     for note in resolved.notes:
         say(f"note: {note}")
     say(f"models: {', '.join(resolved.models)}")
@@ -258,6 +261,7 @@ def run_report(
         "figures_dir": str(figures_dir),
         "tables_dir": str(tables_dir),
         "progress": False,
+        "weights": {m: w for m, w in (weights or {}).items() if m in resolved.models},
         **dict(parameters or {}),
     }
     seconds: dict[str, float] = {}
@@ -280,6 +284,7 @@ def run_report(
         "requested_profile": resolved.requested,
         "models": resolved.models,
         "notes": resolved.notes,
+        "weights": resolved.weights,
         "catalog": f"{opened.name} ({len(opened)} items)",
         "seconds": seconds,
     })
@@ -290,6 +295,7 @@ def run_report(
         "requested_profile": resolved.requested,
         "models": resolved.models,
         "notes": resolved.notes,
+        "weights": resolved.weights,
         "catalog": catalog_path or "bundled sample",
         "items": len(opened),
         "seconds": seconds,
@@ -357,6 +363,7 @@ def _title_markdown(parts, info: Mapping[str, Any]) -> str:
     lines += [
         f"- **Profile:** `{info.get('profile')}`: {get_profile(str(info.get('profile'))).description}",
         f"- **Models:** " + ", ".join(f"`{display_name(m)}`" for m in info.get("models", [])),
+        *(f"- **Weights of `{display_name(m)}`:** {w}" for m, w in (info.get("weights") or {}).items()),
         f"- **Catalog:** {info.get('catalog')}",
         f"- **Generated:** {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `vrec report`; figures are also saved as PNG in `figures/` next to this file.",
         "",

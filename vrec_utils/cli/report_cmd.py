@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..profiles import PROFILES
-from ._common import split_list
+from ._common import UserError, split_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-size", type=int, default=None, help="a seeded sample of N catalog items instead of all")
     p.add_argument("-k", type=int, default=None, help="results per query in the figures (notebook default: 5)")
     p.add_argument("--label-column", default=None, help="label that decides hits and relevance (notebook default: articleType)")
+    p.add_argument("--weights", default=None, metavar="MODEL=PATH[,MODEL=PATH]",
+                   help="local weights per model instead of the hub/torch caches, e.g. siglip-base=DIR,resnet50=FILE (named in the report)")
     p.add_argument("--no-fallback", action="store_true", help="stop with an error instead of falling back to the offline profile")
     p.add_argument("--timeout", type=int, default=1800, help="seconds one notebook cell may run (default: 1800)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -38,7 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..report import NotebookError, run_report
 
+    from ..profiles import parse_weights_option
+
     parameters = {key: value for key, value in (("k", args.k), ("label_column", args.label_column)) if value is not None}
+    try:
+        weights = parse_weights_option(args.weights)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     try:
         result = run_report(
             profile=args.profile,
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             parameters=parameters,
             timeout=args.timeout,
             progress=not args.quiet,
+            weights=weights,
         )
     except NotebookError as exc:
         print(f"vrec report: error: {exc}", file=sys.stderr)
