@@ -83,9 +83,68 @@ def build_resnet50_replica(torch_home: Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_siglip_openclip_cfg(tokenizer_repo: str, vocab_size: int) -> dict:
+    """open_clip's ViT-B-16-SigLIP model config at toy size: the same keys (SigLIP text tower with
+    a Hugging Face SentencePiece tokenizer named by ``hf_tokenizer_name``), tiny widths."""
+    return {
+        "embed_dim": 32,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": {
+            "context_length": 16, "vocab_size": vocab_size, "hf_tokenizer_name": tokenizer_repo,
+            "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 64, "heads": 2, "layers": 2,
+            "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
+        },
+    }  # fmt: skip
+
+
+SIGLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "resize_mode": "squash"}
+
+
+def build_openclip_replica(directory: Path, repo_id: str, titles: Iterable[str], seed: int = 0) -> tuple[Path, dict]:
+    """An open_clip hub repo as timm/ViT-B-16-SigLIP and Marqo/marqo-fashionSigLIP lay it out:
+    open_clip_config.json (model_cfg + preprocess_cfg), open_clip_pytorch_model.bin (the state
+    dict) and the SentencePiece tokenizer files its text config names (this repo). Returns the
+    folder and the model config."""
+    import open_clip
+    import torch
+    from transformers import SiglipTokenizer
+
+    from vrec_utils.models._common import seeded_random_init
+
+    directory.mkdir(parents=True, exist_ok=True)
+    work = directory / "_spm"
+    work.mkdir(exist_ok=True)
+    tokenizer = SiglipTokenizer(vocab_file=str(train_sentencepiece(titles, work / "spiece")), model_max_length=16)
+    tokenizer.save_pretrained(directory)
+    shutil.rmtree(work)
+    (directory / "special_tokens_map.json").write_text(json.dumps(SIGLIP_SPECIAL_TOKENS))
+    config = tiny_siglip_openclip_cfg(repo_id, len(tokenizer))
+    with seeded_random_init(seed):
+        model = open_clip.CustomTextCLIP(**{k: v for k, v in config.items() if k != "custom_text"})
+    torch.save(model.state_dict(), directory / "open_clip_pytorch_model.bin")
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": SIGLIP_PREPROCESS}))
+    return directory, config
+
+
+#: files the hub client and transformers ask a repo for besides those it has; a download records
+#: each one the server answered 404 for under .no_exist/<commit>/, which is how they are then
+#: known to be absent offline
+PROBED_FILES = (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+    "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "tokenizer.model",
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "generation_config.json",
+    "open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+    "video_preprocessor_config.json", "audio_tokenizer_config.json", "custom_generate/generate.py",
+)  # fmt: skip
+
+
 def hub_cache_layout(hub_cache: Path, repo_id: str, source: Path, commit: str = REPLICA_COMMIT) -> Path:
     """Copy ``source``'s files into ``hub_cache`` as the hub client stores a download of ``repo_id``
-    (blobs are plain copies here; the client reads snapshots/<commit>/ and refs/main)."""
+    (blobs are plain copies here; the client reads snapshots/<commit>/ and refs/main), with the
+    404 markers a download leaves for the probed files the repo does not have."""
     folder = hub_cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = folder / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
@@ -94,4 +153,9 @@ def hub_cache_layout(hub_cache: Path, repo_id: str, source: Path, commit: str = 
     for path in source.iterdir():
         if path.is_file():
             shutil.copy2(path, snapshot / path.name)
+    for name in PROBED_FILES:
+        if not (snapshot / name).exists():
+            marker = folder / ".no_exist" / commit / name
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
     return snapshot

@@ -7,6 +7,7 @@ the replica does too, so text search runs through the same transformers code as 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -201,3 +202,34 @@ def test_report_weights_option(siglip_dir, tmp_path, capsys):
     assert main(["report", "--profile", "article", "--weights", "siglip-base", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vrec report: error:") and "MODEL=PATH" in err and len(err.splitlines()) == 1
+
+
+def test_openclip_models_search_by_text_from_the_hub_cache(sample_dir, forty_items, tmp_path, monkeypatch, capsys):
+    """`openclip:hf-hub:<repo>` (a Marqo-style repo) and `openclip:ViT-B-16-SigLIP:webli` (its
+    config shrunk in open_clip's registry; the tag and its repo timm/ViT-B-16-SigLIP are the real
+    ones) from a hub cache, offline: image extraction, then text search through the repo's
+    SentencePiece tokenizer."""
+    from open_clip import factory
+
+    from replicas import build_openclip_replica
+
+    titles = pd.read_csv(sample_dir / "styles.csv", keep_default_na=False)["productDisplayName"].head(600)
+    home = tmp_path / "hf"
+    for repo in ("vrec-test/fashion-siglip", "timm/ViT-B-16-SigLIP"):
+        folder, config = build_openclip_replica(tmp_path / repo.replace("/", "--"), repo, titles)
+        hub_cache_layout(home / "hub", repo, folder)
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "ViT-B-16-SigLIP", config)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model in ("openclip:hf-hub:vrec-test/fashion-siglip", "openclip:ViT-B-16-SigLIP:webli"):
+        workdir = tmp_path / "work" / model.replace(":", "_").replace("/", "_")
+        common = ["--catalog", str(forty_items), "--model", model, "--workdir", str(workdir)]
+        assert main(["extract", *common, "--workers", "0", "--json"]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert main(["search", *common, "--text", "red dress", "-k", "3", "--json"]) == 0, capsys.readouterr().err
+        rows = json.loads(capsys.readouterr().out)
+        assert len(rows) == 3, model
+        embedder = create_embedder(model, device="cpu")
+        assert re.search(r"mean=[\[(]0\.5, 0\.5, 0\.5", embedder.preprocess_id()), model  # SigLIP's, not CLIP's
+        assert type(embedder._tokenizer.get().tokenizer).__name__ == "SiglipTokenizer", model
