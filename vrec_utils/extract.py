@@ -142,7 +142,7 @@ def extract_image_embeddings(
             todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress
         )
     seconds = time.perf_counter() - start
-    cache.write_skipped(skipped)
+    cache.write_skipped({**catalog.report.refused_rows(), **skipped})
     n_new = len(todo) - len(skipped)
     complete = limit is None or limit >= len(catalog.items)
     cache.consolidate(complete=complete)
@@ -290,7 +290,7 @@ def extract_text_embeddings(
             bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - start
-    cache.write_skipped(skipped)
+    cache.write_skipped({**catalog.report.refused_rows(), **skipped})
     cache.consolidate(complete=True)
     return ExtractResult(
         embeddings=cache.load(),
