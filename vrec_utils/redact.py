@@ -19,7 +19,7 @@ _SECRET_PARAMS = re.compile(r"^(api[_-]?key|apikey|key|token|access[_-]?token|pa
 # "scheme://user:pass@" inside free text (the userinfo ends at the last @ before the host)
 _USERINFO_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@'\"]*@")
 _SECRET_PARAM_IN_TEXT = re.compile(
-    r"(?P<key>[?&](?:api[_-]?key|apikey|token|access[_-]?token|password|passwd|pwd|secret|auth)=)[^&\s'\"#]*", re.I
+    r"(?P<key>[?&](?:api[_-]?key|apikey|token|access[_-]?token|password|passwd|pwd|secret|auth)=)[^&\s'\"#),;]*", re.I
 )
 
 

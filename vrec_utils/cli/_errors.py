@@ -62,7 +62,8 @@ def _es_error(exc: BaseException, args: argparse.Namespace | None) -> str:
         "wait until `curl <VREC_ES_URL>/_cluster/health` answers green or yellow and rerun",
         504: "a proxy in front of the server timed out; rerun",
     }
-    hint = hints.get(status, "see the server's log")
+    reason = one_line(getattr(exc, "message", "") or exc)[:200]
+    hint = hints.get(status, f"{reason}; see the server's log")
     return f"Elasticsearch at {where} answered HTTP {status}: {hint}"
 
 
