@@ -10,6 +10,7 @@ The Elasticsearch failures are real: a closed loopback port (connection refused)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
 import http.server
@@ -59,9 +60,11 @@ def catalog_dir(tmp_path_factory, sample_catalog) -> Path:
 def extracted(catalog_dir, tmp_path_factory) -> tuple[Path, str]:
     """A workdir whose cache holds the 6 readable items; (workdir, extract's stderr)."""
     workdir = tmp_path_factory.mktemp("work")
-    result = _run_subprocess(["extract", "--catalog", str(catalog_dir), "--model", MODEL, "--workdir", str(workdir), "--workers", "0"])
-    assert result.returncode == 0, result.stderr
-    return workdir, result.stderr
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["extract", "--catalog", str(catalog_dir), "--model", MODEL, "--workdir", str(workdir), "--workers", "0", "--precision", "fp32"])
+    assert code == 0, stderr.getvalue()
+    return workdir, stderr.getvalue()
 
 
 def _free_port() -> int:
@@ -205,7 +208,7 @@ def test_disk_full_during_cache_write_is_one_line(catalog_dir, tmp_path, capfd, 
 
     monkeypatch.setattr(EmbeddingCache, "append", full)
     workdir = tmp_path / "w"
-    code, _, err = _run(["extract", "--catalog", str(catalog_dir), "--model", MODEL, "--workdir", str(workdir), "--workers", "0", "--precision", "fp32"], capfd, monkeypatch)
+    code, _, err = _run(["extract", "--catalog", str(catalog_dir), "--model", MODEL, "--workdir", str(workdir), "--workers", "0", "--precision", "fp32", "--limit", "1"], capfd, monkeypatch)
     line = _assert_one_line_error(code, err, "extract", "no space left", "--workdir", str(workdir), "rerun resumes", alone=False)
     assert "Errno" not in line
 
@@ -219,7 +222,7 @@ def test_permission_denied_names_the_file_and_the_setting(catalog_dir, tmp_path,
         raise PermissionError(errno.EACCES, "Permission denied", str(self.directory / "chunk-000000.npz"))
 
     monkeypatch.setattr(EmbeddingCache, "append", denied)
-    code, _, err = _run(["extract", "--catalog", str(catalog_dir), "--model", MODEL, "--workdir", str(workdir), "--workers", "0", "--precision", "fp32"], capfd, monkeypatch)
+    code, _, err = _run(["extract", "--catalog", str(catalog_dir), "--model", MODEL, "--workdir", str(workdir), "--workers", "0", "--precision", "fp32", "--limit", "1"], capfd, monkeypatch)
     _assert_one_line_error(code, err, "extract", "permission denied on", "chunk-000000.npz", "point --workdir elsewhere", alone=False)
 
 

@@ -17,6 +17,19 @@ from ._common import error_types
 
 # Settings that name folders vrec writes into, with their flags.
 _PATH_SETTINGS = (("out", "--out"), ("workdir", "--workdir"))
+# What an HTTP status from Elasticsearch means for the user, and the way out.
+_ES_HINTS = {
+    401: "the server refused the credentials; set VREC_ES_API_KEY, or VREC_ES_USER and VREC_ES_PASSWORD",
+    403: "the API key or user lacks privileges on the vrec index (read, write, manage)",
+    404: "not found: VREC_ES_URL must be the server's root address (http(s)://host:9200) and the index must exist "
+    "(`vrec index --backend elasticsearch` creates it)",
+    408: "the request timed out; rerun, or give the server more resources",
+    429: "the server is overloaded (too many requests); wait a moment and rerun",
+    502: "a proxy in front of the server could not reach it; check the server and rerun",
+    503: "the server is not ready (still starting, or the cluster has no master / red health); "
+    "wait until `curl <VREC_ES_URL>/_cluster/health` answers green or yellow and rerun",
+    504: "a proxy in front of the server timed out; rerun",
+}
 
 
 def one_line(text: object) -> str:
@@ -46,24 +59,12 @@ def _es_error(exc: BaseException, args: argparse.Namespace | None) -> str:
     meta = getattr(exc, "meta", None)
     node = getattr(meta, "node", None)
     where = f"{node.scheme}://{node.host}:{node.port}" if node is not None else "the Elasticsearch server (VREC_ES_URL)"
-    status = getattr(meta, "status", None) if meta is not None and hasattr(meta, "status") else None
+    status = getattr(meta, "status", None)
     if not isinstance(status, int):
         # transport level: refused, DNS, timeout, TLS
         return f"cannot reach Elasticsearch at {where} ({one_line(exc)}); check VREC_ES_URL or start the server (`docker compose up -d elasticsearch`)"
-    hints = {
-        401: "the server refused the credentials; set VREC_ES_API_KEY, or VREC_ES_USER and VREC_ES_PASSWORD",
-        403: "the API key or user lacks privileges on the vrec index (read, write, manage)",
-        404: "not found: VREC_ES_URL must be the server's root address (http(s)://host:9200) and the index must exist "
-        "(`vrec index --backend elasticsearch` creates it)",
-        408: "the request timed out; rerun, or give the server more resources",
-        429: "the server is overloaded (too many requests); wait a moment and rerun",
-        502: "a proxy in front of the server could not reach it; check the server and rerun",
-        503: "the server is not ready (still starting, or the cluster has no master / red health); "
-        "wait until `curl <VREC_ES_URL>/_cluster/health` answers green or yellow and rerun",
-        504: "a proxy in front of the server timed out; rerun",
-    }
     reason = one_line(getattr(exc, "message", "") or exc)[:200]
-    hint = hints.get(status, f"{reason}; see the server's log")
+    hint = _ES_HINTS.get(status, f"{reason}; see the server's log")
     return f"Elasticsearch at {where} answered HTTP {status}: {hint}"
 
 
