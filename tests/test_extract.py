@@ -99,9 +99,10 @@ def test_hostile_catalog_skips_bad_files_and_goes_on(tmp_path, sample_catalog, c
     catalog = load_catalog(csv)
     result = extract_image_embeddings(catalog, SmallConvEmbedder(), tmp_path / "work", batch_size=4, num_workers=2, precision="fp32", progress=False)
     assert set(result.embeddings.ids) == set(READABLE)
-    assert set(result.skipped["id"]) == set(UNREADABLE)
+    assert set(result.skipped["id"]) == {*UNREADABLE, "escape"}  # the refused row too, with its reason
     reasons = dict(zip(result.skipped["id"], result.skipped["reason"]))
     assert "decompression-bomb" in reasons["huge_dims"] and reasons["missing"] == "file not found"
+    assert reasons["escape"].startswith("refused: image path") and "leaves the catalog folder" in reasons["escape"]
     assert (result.cache_dir / "skipped.csv").is_file()
     assert "skipped truncated:" in capfd.readouterr().err
     assert np.isfinite(np.asarray(result.embeddings.vectors)).all()

@@ -213,7 +213,7 @@ def test_cli_search_by_image_json(real, cli_catalog, capsys):
     "argv, message",
     [
         (["recommend", "--item", "no-such-id"], "item id 'no-such-id' is not in catalog"),
-        (["recommend", "--item", "{item}", "-k", "0"], "-k must be at least 1"),
+        (["recommend", "--item", "{item}", "-k", "0"], "argument -k: must be at least 1"),
         (["recommend", "--item", "{item}", "--model-override", "resnet50"], "vrec extract"),
         (["search", "--text", "red summer dress"], "image-only"),
         (["search", "--image", "{missing}"], "cannot read query image"),

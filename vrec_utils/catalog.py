@@ -48,6 +48,8 @@ class CatalogReport:
     missing_files: tuple[str, ...] = ()
     escaping_paths: tuple[str, ...] = ()
     empty_titles: int = 0
+    #: the image path of each row of ``escaping_paths``, as written in the catalog
+    escaping_images: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -68,6 +70,15 @@ class CatalogReport:
         if self.empty_titles:
             lines.append(f"{self.empty_titles} item(s) without a title")
         return "; ".join(lines)
+
+    def refused_rows(self) -> dict[str, str]:
+        """Every row refused at loading (not in the catalog), by id, with the reason: what
+        extraction writes into ``skipped.csv`` next to the unreadable images."""
+        images = self.escaping_images or ("?",) * len(self.escaping_paths)
+        return {
+            item_id: f"refused: image path {image!r} leaves the catalog folder"
+            for item_id, image in zip(self.escaping_paths, images)
+        }
 
 
 def _preview(ids: tuple[str, ...], n: int = 5) -> str:
@@ -185,11 +196,12 @@ def _validate(df: pd.DataFrame, root: Path, source: Path, labels: tuple[str, ...
             f"{source}: {dup.nunique()} duplicate id(s), e.g. {_preview(tuple(dup.unique()))}; ids must be unique"
         )
     root_resolved = root.resolve()
-    absolute, escaping, missing = [], [], []
+    absolute, escaping, escaping_images, missing = [], [], [], []
     for item_id, rel in zip(df["id"], df["image"]):
         candidate = (root_resolved / rel).resolve()
         if not candidate.is_relative_to(root_resolved):
             escaping.append(item_id)
+            escaping_images.append(rel)
             absolute.append("")
             continue
         absolute.append(str(candidate))
@@ -202,6 +214,7 @@ def _validate(df: pd.DataFrame, root: Path, source: Path, labels: tuple[str, ...
         n_rows=len(df),
         missing_files=tuple(missing),
         escaping_paths=tuple(escaping),
+        escaping_images=tuple(escaping_images),
         empty_titles=int((df["title"].str.strip() == "").sum()),
     )
     items = df.set_index("id")

@@ -142,7 +142,7 @@ def extract_image_embeddings(
             todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress
         )
     seconds = time.perf_counter() - start
-    cache.write_skipped(skipped)
+    cache.write_skipped({**catalog.report.refused_rows(), **skipped})
     n_new = len(todo) - len(skipped)
     complete = limit is None or limit >= len(catalog.items)
     cache.consolidate(complete=complete)
@@ -176,7 +176,7 @@ def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision
     pending_vecs: list[np.ndarray] = []
     encoder = FrozenCNNEncoder(embedder, precision)
     bar = tqdm(total=len(ids), desc=f"embed {embedder.name}", unit="img", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), autocast_context(precision, embedder.device):
+    with torch.inference_mode(), autocast_context(precision, embedder.device), bar:  # bar: closed on errors too
         for positions, pixels, failed in loader:
             for pos, reason in failed:
                 skipped[ids[pos]] = reason
@@ -280,7 +280,7 @@ def extract_text_embeddings(
     todo = todo[todo != ""]
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"embed {embedder.name} text", unit="text", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), autocast_context(precision, embedder.device):
+    with torch.inference_mode(), autocast_context(precision, embedder.device), bar:  # bar: closed on errors too
         for begin in range(0, len(todo), batch_size):
             batch = todo.iloc[begin : begin + batch_size]
             features = embedder.encode_text(batch.tolist()).float()
@@ -290,7 +290,7 @@ def extract_text_embeddings(
             bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - start
-    cache.write_skipped(skipped)
+    cache.write_skipped({**catalog.report.refused_rows(), **skipped})
     cache.consolidate(complete=True)
     return ExtractResult(
         embeddings=cache.load(),

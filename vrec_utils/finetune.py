@@ -1024,7 +1024,14 @@ def _save_checkpoint(path, run_key, epoch, model, loss_fn, optimizer, scheduler,
 def _load_checkpoint(path: Path, run_key: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from .models._common import torch_load_trusted
+
+    if overwrite and not resume:  # starting over: the old checkpoint is never read
+        path.unlink()
+        return None
+    checkpoint = torch_load_trusted(
+        path, f"delete {str(path)!r} or rerun with --no-resume to start the run over (or use another --out)"
+    )
     if checkpoint.get("run") == run_key and resume:
         return checkpoint
     if checkpoint.get("run") != run_key and not overwrite:

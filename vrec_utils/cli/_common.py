@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,79 @@ def error_types() -> tuple[type[BaseException], ...]:
     )
 
 
+# ------------------------------------------------------------------ argument types (checked at parsing)
+
+
+def _count(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+#: ``type=`` of counts that must be >= 1 (--limit, -k, --batch-size, ...)
+positive_int = _count(1)
+#: ``type=`` of counts that may be 0 (--workers, --warmup-steps, ...)
+non_negative_int = _count(0)
+
+
+def directory_path(text: str) -> Path:
+    """``type=`` of --workdir / --out: an existing folder, or one that can be created (nothing is
+    created while parsing)."""
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder; give a folder (it is created if missing)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"folder {text!r} is not writable by you; choose another one")
+        return path
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: folder {str(parent)!r} is not writable by you")
+    return path
+
+
+def check_device(value: str | None, flag: str = "--device") -> None:
+    """Refuse a --device this machine lacks before any model is loaded."""
+    if value is None or value == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise UserError(f"{flag} {value!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+            raise UserError(
+                f"{flag} {value}: no CUDA GPU is visible here (torch {torch.__version__}, {build}); "
+                "use --device cpu, or --device auto to take a GPU when there is one"
+            )
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{flag} {value}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError(f"{flag} mps: Apple MPS is not available here; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise UserError(f"{flag} {value!r}: vrec runs on cpu, cuda or mps")
+
+
 def add_catalog_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--catalog", required=required, type=Path, help="catalog folder (styles.csv + images/) or CSV with id,image")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache and results folder (default: ./work)")
+    parser.add_argument("--workdir", type=directory_path, default=DEFAULT_WORKDIR, help="cache and results folder (default: ./work)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:

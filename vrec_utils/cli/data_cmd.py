@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..catalog import load_catalog, split_catalog
 from ..data import fetch_fashion, make_sample
-from ._common import print_json
+from ._common import directory_path, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,21 +20,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     split = verbs.add_parser("split", help="write the deterministic train/eval split of a catalog")
     split.add_argument("--catalog", type=Path, required=True)
-    split.add_argument("--workdir", type=Path, default=Path("work"))
+    split.add_argument("--workdir", type=directory_path, default=Path("work"))
     split.add_argument("--eval-fraction", type=float, default=0.25)
     split.add_argument("--seed", type=int, default=0)
     split.set_defaults(handler=_split)
 
     sample = verbs.add_parser("sample", help="copy a stratified sample of a Fashion-layout catalog")
     sample.add_argument("--source", type=Path, required=True)
-    sample.add_argument("--out", type=Path, required=True)
-    sample.add_argument("--n", type=int, default=1500)
+    sample.add_argument("--out", type=directory_path, required=True)
+    sample.add_argument("--n", type=positive_int, default=1500)
     sample.add_argument("--column", default="articleType")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=_sample)
 
     fetch = verbs.add_parser("fetch", help="download the full Fashion Product Images (Small) from Kaggle")
-    fetch.add_argument("--out", type=Path, default=Path("data/fashion"))
+    fetch.add_argument("--out", type=directory_path, default=Path("data/fashion"))
     fetch.set_defaults(handler=_fetch)
 
 

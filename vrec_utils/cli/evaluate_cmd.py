@@ -11,7 +11,7 @@ import pandas as pd
 from ..catalog import Split, load_catalog
 from ..evaluate import CI_METHODS, MATRIX, EvaluationResult, evaluate_models
 from ..metrics import GAINS
-from ._common import UserError, add_catalog_args, print_frame, split_list
+from ._common import UserError, add_catalog_args, positive_int, print_frame, split_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="matrix (default: exact similarity-matrix blocks) or an index backend such as faiss (the serving path)")
     p.add_argument("--ann", default=None, choices=("none", "hnsw", "ivf"), help="with --backend faiss: approximate index kind")
     p.add_argument("--ci", choices=CI_METHODS, default="bca", help="bootstrap interval method (default: bca)")
-    p.add_argument("--n-bootstrap", type=int, default=2000)
-    p.add_argument("--n-permutations", type=int, default=10000, help="random sign flips of the paired permutation test")
+    p.add_argument("--n-bootstrap", type=positive_int, default=2000)
+    p.add_argument("--n-permutations", type=positive_int, default=10000, help="random sign flips of the paired permutation test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-category", nargs="?", const="", default=None, metavar="COLUMN",
                    help="also print nDCG per category (default column: the relevance's finest label)")
@@ -52,9 +52,12 @@ def _ints(text: str | None, what: str) -> list[int]:
     if not text:
         return []
     try:
-        return [int(v) for v in split_list(text)]
+        values = [int(v) for v in split_list(text)]
     except ValueError:
         raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"{what} values must be at least 1, got {text!r}")
+    return values
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,17 +8,17 @@ import sys
 from ..catalog import load_catalog
 from ..extract import PRECISIONS, extract_image_embeddings, extract_text_embeddings
 from ..models import create_embedder
-from ._common import add_catalog_args, add_model_args, print_json
+from ._common import add_catalog_args, add_model_args, non_negative_int, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="embed a catalog's images (or titles) into the resumable cache")
     add_catalog_args(p)
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images (default: cores - 1, at most 4)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--chunk-size", type=int, default=None, help="images per cache chunk (a killed run loses at most one)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers decoding images (default: cores - 1, at most 4)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N items")
+    p.add_argument("--chunk-size", type=positive_int, default=None, help="images per cache chunk (a killed run loses at most one)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 where the hardware runs it natively")
     p.add_argument("--no-normalize", action="store_true", help="keep raw vectors instead of L2-normalising them")
     p.add_argument("--text", nargs="?", const="title", default=None, metavar="COLUMN", help="embed a text column (default: title) instead of images")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 from ..catalog import load_catalog
 from ..finetune import SCHEDULES, SELECT_BY, TRAINABLE, FinetuneConfig, finetune
-from ._common import add_catalog_args, print_json
+from ._common import add_catalog_args, directory_path, non_negative_int, positive_int, print_json
 
 _DEFAULTS = FinetuneConfig()
 
@@ -26,17 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_catalog_args(p)
     p.add_argument("--base", default="mini-siglip", help="base model with a text tower (default: mini-siglip, offline)")
-    p.add_argument("--out", required=True, type=Path, help="run folder: model/, checkpoints/, history.csv, ...")
+    p.add_argument("--out", required=True, type=directory_path, help="run folder: model/, checkpoints/, history.csv, ...")
     p.add_argument("--device", default="auto", help="auto (CUDA/MPS when present), cpu, cuda, mps")
     g = p.add_argument_group("training")
     g.add_argument("--trainable", choices=TRAINABLE, default=_DEFAULTS.trainable, help="parts to train (mini-siglip: heads)")
-    g.add_argument("--last-blocks", type=int, default=_DEFAULTS.last_blocks, help="blocks per tower for --trainable last")
-    g.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
-    g.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+    g.add_argument("--last-blocks", type=positive_int, default=_DEFAULTS.last_blocks, help="blocks per tower for --trainable last")
+    g.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs)
+    g.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size)
     g.add_argument("--lr", type=float, default=_DEFAULTS.lr)
     g.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
     g.add_argument("--schedule", choices=SCHEDULES, default=_DEFAULTS.schedule)
-    g.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
+    g.add_argument("--warmup-steps", type=non_negative_int, default=_DEFAULTS.warmup_steps)
     g.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="max grad norm; 0 disables")
     g.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     g.add_argument("--loss-init", choices=("paper", "model"), default=_DEFAULTS.loss_init,
@@ -48,13 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--val-fraction", type=float, default=_DEFAULTS.val_fraction, help="validation part of the train split")
     d.add_argument("--exclude", action="append", default=[], metavar="COLUMN=VALUE",
                    help="keep matching items out of training (repeatable), e.g. masterCategory=Accessories")
-    d.add_argument("--max-pairs", type=int, default=None, help="train on at most N pairs (seeded subset)")
+    d.add_argument("--max-pairs", type=positive_int, default=None, help="train on at most N pairs (seeded subset)")
     d.add_argument("--label", default=_DEFAULTS.label, help="label for validation nDCG@5 ('' to select by val loss)")
     d.add_argument("--select-by", choices=SELECT_BY, default=_DEFAULTS.select_by)
-    d.add_argument("--patience", type=int, default=None, help="early stop after N epochs without improvement")
+    d.add_argument("--patience", type=positive_int, default=None, help="early stop after N epochs without improvement")
     d.add_argument("--alpha", type=float, default=None, help="mini-siglip output mix (default: chosen on validation)")
-    d.add_argument("--image-rank", type=int, default=None, help="mini-siglip: low-rank residual image head")
-    d.add_argument("--text-hidden", type=int, default=None, help="mini-siglip: MLP text head width")
+    d.add_argument("--image-rank", type=positive_int, default=None, help="mini-siglip: low-rank residual image head")
+    d.add_argument("--text-hidden", type=positive_int, default=None, help="mini-siglip: MLP text head width")
     r = p.add_argument_group("run")
     r.add_argument("--no-resume", action="store_true", help="ignore a checkpoint of the same run and start over")
     r.add_argument("--overwrite", action="store_true", help="replace a checkpoint of a different run in --out")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from ..catalog import load_catalog
 from ..index import build_index
-from ._common import UserError, add_catalog_args, print_json, split_list
+from ._common import UserError, add_catalog_args, positive_int, print_json, split_list
 
 FAISS_OPTIONS = ("ann", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "threads", "exact_method")
 ES_OPTIONS = ("config_file", "index_name", "index_type", "num_candidates")
@@ -41,12 +39,12 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("faiss", "elasticsearch"), default="faiss", help="index backend (default: faiss)")
     g = p.add_argument_group("FAISS settings")
     g.add_argument("--ann", choices=("none", "hnsw", "ivf"), default=None, help="approximate search structure (default: none = exact)")
-    g.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree (default 32)")
-    g.add_argument("--ef-construction", type=int, default=None, help="HNSW build candidate list (default 80)")
-    g.add_argument("--ef-search", type=int, default=None, help="HNSW search candidate list (default 64)")
-    g.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(n))")
-    g.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default 1.5*sqrt(nlist))")
-    g.add_argument("--threads", type=int, default=None, help="FAISS threads (default: the CPUs available)")
+    g.add_argument("--hnsw-m", type=positive_int, default=None, help="HNSW graph degree (default 32)")
+    g.add_argument("--ef-construction", type=positive_int, default=None, help="HNSW build candidate list (default 80)")
+    g.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search candidate list (default 64)")
+    g.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default sqrt(n))")
+    g.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists probed per query (default 1.5*sqrt(nlist))")
+    g.add_argument("--threads", type=positive_int, default=None, help="FAISS threads (default: the CPUs available)")
     g.add_argument(
         "--exact-method", choices=("auto", "fp32", "bf16-rescored"), default=None,
         help="exact search: bf16 first pass + fp32 rescoring, same answers (auto: on AMX CPUs, 256+ queries); fp32: faiss only",
@@ -55,7 +53,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--es-config", dest="config_file", default=None, metavar="FILE", help="JSON/TOML file: url, api_key or username/password, ca_certs, index")
     e.add_argument("--es-index", dest="index_name", default=None, metavar="NAME", help="index name (default: VREC_ES_INDEX or vrec-<catalog>)")
     e.add_argument("--es-index-type", dest="index_type", default=None, help="dense_vector index_options type: hnsw (default, float), flat (exact), int8_hnsw, bbq_hnsw, ...")
-    e.add_argument("--num-candidates", type=int, default=None, help="kNN candidates per shard (default 10*k, at least 100; at most 10,000)")
+    e.add_argument("--num-candidates", type=positive_int, default=None, help="kNN candidates per shard (default 10*k, at least 100; at most 10,000)")
 
 
 def index_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,25 +66,12 @@ def index_config(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in mine if getattr(args, name, None) is not None}
 
 
-@contextlib.contextmanager
-def backend_errors() -> Iterator[None]:
-    """Backend failures users fix (server down, credentials, rejected documents) as one-line errors."""
-    from ..index import BackendUnavailableError
-    from ..index.elasticsearch import BulkIndexError
-
-    try:
-        yield
-    except (BackendUnavailableError, BulkIndexError) as exc:
-        raise UserError(str(exc)) from None
-
-
 def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     columns = split_list(args.filter_columns) if args.filter_columns is not None else None
     start = time.perf_counter()
     config = index_config(args)
-    with backend_errors():
-        index = build_index(args.workdir, catalog, args.model, backend=args.backend, filter_columns=columns, rebuild=args.rebuild, **config)
+    index = build_index(args.workdir, catalog, args.model, backend=args.backend, filter_columns=columns, rebuild=args.rebuild, **config)
     seconds = time.perf_counter() - start
     summary = {**index.describe(), "seconds": round(seconds, 3), **{k: v for k, v in index.info.items() if k != "fingerprint"}}
     if args.json:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..profiles import PROFILES
-from ._common import UserError, split_list
+from ..profiles import PROFILES, parse_weights_option
+from ._common import UserError, directory_path, positive_int, split_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,26 +21,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", choices=list(PROFILES), default="offline",
                    help="which models to compare: offline (no download), article (ResNet50 vs SigLIP-base), smoke (tiny test models)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog folder or CSV (default: the bundled sample, data/sample)")
-    p.add_argument("--workdir", type=Path, default=Path("work"), help="cache and fine-tuned models (default: ./work)")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: reports/<profile>)")
+    p.add_argument("--workdir", type=directory_path, default=Path("work"), help="cache and fine-tuned models (default: ./work)")
+    p.add_argument("--out", type=directory_path, default=None, help="report folder (default: reports/<profile>)")
     p.add_argument("--notebooks", type=split_list, default=None, metavar="00,03",
                    help="only these notebooks, by number or name (default: all)")
     p.add_argument("--notebooks-dir", type=Path, default=None, help="folder of numbered notebooks (default: the repository's notebooks/)")
-    p.add_argument("--sample-size", type=int, default=None, help="a seeded sample of N catalog items instead of all")
-    p.add_argument("-k", type=int, default=None, help="results per query in the figures (notebook default: 5)")
+    p.add_argument("--sample-size", type=positive_int, default=None, help="a seeded sample of N catalog items instead of all")
+    p.add_argument("-k", type=positive_int, default=None, help="results per query in the figures (notebook default: 5)")
     p.add_argument("--label-column", default=None, help="label that decides hits and relevance (notebook default: articleType)")
     p.add_argument("--weights", default=None, metavar="MODEL=PATH[,MODEL=PATH]",
                    help="local weights per model instead of the hub/torch caches, e.g. siglip-base=DIR,resnet50=FILE (named in the report)")
     p.add_argument("--no-fallback", action="store_true", help="stop with an error instead of falling back to the offline profile")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds one notebook cell may run (default: 1800)")
+    p.add_argument("--timeout", type=positive_int, default=1800, help="seconds one notebook cell may run (default: 1800)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..report import NotebookError, run_report
-
-    from ..profiles import parse_weights_option
 
     parameters = {key: value for key, value in (("k", args.k), ("label_column", args.label_column)) if value is not None}
     try:

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..catalog import load_catalog
-from ._common import UserError, add_catalog_args, add_model_args, print_frame
-from .index_cmd import add_backend_args, backend_errors, index_config
+from ._common import UserError, add_catalog_args, add_model_args, positive_int, print_frame
+from .index_cmd import add_backend_args, index_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_catalog_args(r)
     r.add_argument("--model", required=True, help="model whose cached embeddings to use (see `vrec models`)")
     r.add_argument("--item", action="append", required=True, metavar="ID", help="catalog item id (repeat for several)")
-    r.add_argument("-k", type=int, default=5, help="results per item (default 5)")
+    r.add_argument("-k", type=positive_int, default=5, help="results per item (default 5)")
     r.add_argument("--same-category", metavar="COLUMN", default=None, help="only items with the query item's value of this label column, e.g. articleType")
     add_backend_args(r)
     r.add_argument("--json", action="store_true", help="print the results as JSON records")
@@ -35,26 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     what = s.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", action="append", type=Path, metavar="PATH", help="query image file (repeat for several)")
     what.add_argument("--text", action="append", metavar="TEXT", help='query text, e.g. "red summer dress" (repeat for several)')
-    s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    s.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
     s.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE", help="keep only items with this label value (repeatable)")
     add_backend_args(s)
     s.add_argument("--json", action="store_true", help="print the results as JSON records")
     s.set_defaults(handler=run_search)
 
 
-def _check_k(k: int) -> None:
-    if k < 1:
-        raise UserError(f"-k must be at least 1, got {k}")
-
-
 def run_recommend(args: argparse.Namespace) -> int:
     from ..search import recommend
 
-    _check_k(args.k)
     catalog = load_catalog(args.catalog)
     config = index_config(args)
-    with backend_errors():
-        frame = recommend(catalog, args.workdir, args.model, args.item, args.k, same_category=args.same_category, backend=args.backend, **config)
+    frame = recommend(catalog, args.workdir, args.model, args.item, args.k, same_category=args.same_category, backend=args.backend, **config)
     print_frame(frame, as_json=args.json)
     return 0
 
@@ -62,7 +55,6 @@ def run_recommend(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     from ..search import search_by_image, search_by_text
 
-    _check_k(args.k)
     filters = {}
     for text in args.filter:
         column, sep, value = text.partition("=")
@@ -74,10 +66,9 @@ def run_search(args: argparse.Namespace) -> int:
         catalog.require_column(column)
     config = index_config(args)
     common = dict(weights=args.weights, device=args.device, filters=filters or None, backend=args.backend, **config)
-    with backend_errors():
-        if args.image:
-            frame = search_by_image(catalog, args.workdir, args.model, args.image, args.k, **common)
-        else:
-            frame = search_by_text(catalog, args.workdir, args.model, args.text, args.k, **common)
+    if args.image:
+        frame = search_by_image(catalog, args.workdir, args.model, args.image, args.k, **common)
+    else:
+        frame = search_by_text(catalog, args.workdir, args.model, args.text, args.k, **common)
     print_frame(frame, as_json=args.json)
     return 0

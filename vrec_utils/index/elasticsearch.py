@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..redact import redact_url
 from .base import BackendUnavailableError, VectorIndex, _check_ids, register_index
 
 DEFAULT_URL = "http://localhost:9200"
@@ -91,7 +92,7 @@ class ElasticsearchConfig:
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^\s/]+", self.url or ""):
-            raise ValueError(f"Elasticsearch URL must look like http(s)://host:9200, got {self.url!r} (VREC_ES_URL)")
+            raise ValueError(f"Elasticsearch URL must look like http(s)://host:9200, got {redact_url(self.url)!r} (VREC_ES_URL)")
         if self.api_key and (self.username or self.password):
             raise ValueError("set either an API key (VREC_ES_API_KEY) or basic auth (VREC_ES_USER/VREC_ES_PASSWORD), not both")
         if bool(self.username) != bool(self.password):
@@ -227,8 +228,8 @@ def connect(config: ElasticsearchConfig | None = None, **client_options: Any):
             kwargs["ca_certs"] = str(Path(config.ca_certs).expanduser())
         if not config.verify_certs:
             kwargs["ssl_show_warn"] = False
-    elif config.auth != "none":
-        warnings.warn(f"sending Elasticsearch credentials over plain http to {config.url}", stacklevel=2)
+    elif config.auth != "none" or "@" in config.url.split("://", 1)[-1].split("/", 1)[0]:
+        warnings.warn(f"sending Elasticsearch credentials over plain http to {redact_url(config.url)}", stacklevel=2)
     kwargs.update(client_options)
     client = es.Elasticsearch(**kwargs)
     info = _checked(
@@ -237,12 +238,13 @@ def connect(config: ElasticsearchConfig | None = None, **client_options: Any):
     version = str(info.get("version", {}).get("number", "0"))
     major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
     if major < 8:
-        raise BackendUnavailableError(f"Elasticsearch at {config.url} is version {version}; vrec needs 8.x or 9.x")
+        raise BackendUnavailableError(f"Elasticsearch at {redact_url(config.url)} is version {version}; vrec needs 8.x or 9.x")
     return client
 
 
 def _checked(call, url: str):
     """Run one client call, turning transport/auth failures into BackendUnavailableError."""
+    url = redact_url(url)
     import elastic_transport
     from elasticsearch import AuthenticationException, AuthorizationException, UnsupportedProductError
 
@@ -698,7 +700,7 @@ class ElasticsearchIndex(VectorIndex):
     def _save(self, directory: Path) -> dict[str, Any]:
         # The data lives on the server; the folder records where (never the credentials).
         return {
-            "url": self.config.url,
+            "url": redact_url(self.config.url),
             "index_name": self.index_name,
             "field": self.field,
             "index_options": self.vector_mapping["index_options"],
@@ -725,7 +727,7 @@ class ElasticsearchIndex(VectorIndex):
 
     def _describe(self) -> dict[str, Any]:
         return {
-            "url": self.config.url,
+            "url": redact_url(self.config.url),
             "index_name": self.index_name,
             "field": self.field,
             "index_options": self.vector_mapping["index_options"],

@@ -114,14 +114,45 @@ def require_dir(weights: str | os.PathLike, expected: str) -> Path:
 
 
 # -- state dicts -----------------------------------------------------------------------------------
+WEIGHTS_REMEDY = (
+    "use the original weights file, or convert it on a machine you trust to a .safetensors file "
+    "or a plain state dict (torch.save(model.state_dict(), PATH))"
+)
+
+
+def torch_load_trusted(path: str | os.PathLike, remedy: str = WEIGHTS_REMEDY) -> Any:
+    """``torch.load(path, weights_only=True)``; a refused file raises :class:`UntrustedFileError`
+    naming it and ``remedy`` (torch's own advice, to load it with ``weights_only=False``, would run
+    whatever code the file holds)."""
+    import pickle
+
+    from .base import UntrustedFileError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UntrustedFileError(path, remedy) from None
+
+
+def load_safetensors_file(path: str | os.PathLike, remedy: str = WEIGHTS_REMEDY) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors; a file that is not one raises :class:`UntrustedFileError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .base import UntrustedFileError
+
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError:
+        raise UntrustedFileError(path, remedy) from None
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or a torch file (``weights_only=True``: no pickled code)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_safetensors_file(path)
+    state = torch_load_trusted(path)
     for key in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

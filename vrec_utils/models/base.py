@@ -9,8 +9,10 @@ the weights expect (a picklable callable, so DataLoader workers can run it), and
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,19 @@ from PIL import Image
 
 class ModelUnavailableError(RuntimeError):
     """The weights cannot be had here; the message says how to get them."""
+
+
+class UntrustedFileError(ValueError):
+    """A weights or checkpoint file vrec refuses to load: it holds pickled objects other than
+    tensors (which could run code), or is not the safetensors file it claims to be."""
+
+    def __init__(self, path: str | os.PathLike, remedy: str) -> None:
+        self.path = Path(path)
+        self.remedy = remedy
+        super().__init__(
+            f"{str(path)!r} is not a trusted vrec checkpoint (vrec loads tensors only, never pickled "
+            f"objects, which could run code); {remedy}"
+        )
 
 
 class TextNotSupportedError(ValueError):

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from ._common import load_safetensors_file
 from .base import Embedder
 from .mini_siglip import (
+    LOCAL_MODEL_REMEDY,
     MODEL_JSON,
     file_digest,
     load_mini_siglip,
@@ -112,8 +114,6 @@ def save_tuned(directory: str | os.PathLike, embedder: Embedder, *, base: str, e
 
 
 def load_tuned(directory: str | os.PathLike) -> TunedEmbedder:
-    from safetensors.torch import load_file
-
     directory = resolve_model_dir(directory)
     meta = read_model_json(directory)
     path = directory / meta["weights"]["file"]
@@ -126,7 +126,7 @@ def load_tuned(directory: str | os.PathLike) -> TunedEmbedder:
         inner = create_embedder(meta["base"], weights="random", device="cpu")
     except ValueError:  # a base with no random-init form (e.g. openclip:hf-hub:...): its own weights
         inner = create_embedder(meta["base"], device="cpu")
-    state = load_file(str(path))
+    state = load_safetensors_file(path, LOCAL_MODEL_REMEDY)
     for i, module in enumerate(inner.modules()):
         prefix = f"m{i}."
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

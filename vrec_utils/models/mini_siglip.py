@@ -43,12 +43,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._common import load_safetensors_file
 from .base import Embedder
 from .registry import create_embedder, register_model
 
 FAMILY = "mini-siglip"
 MODEL_JSON = "vrec_model.json"
 HEADS_FILE = "heads.safetensors"
+LOCAL_MODEL_REMEDY = "recreate the model folder with `vrec finetune --out DIR` (then use --model local:DIR)"
 IMAGE_TOWER = "efficientnet-lite0"
 TEXT_TOWER = "minilm"
 IMAGE_DIM = 1280
@@ -213,8 +215,6 @@ def resolve_model_dir(directory: str | os.PathLike) -> Path:
 
 def load_heads(directory: Path, meta: dict[str, Any]) -> tuple[MiniSiglipHeads, str]:
     """The heads and the digest of their file (verified against the manifest)."""
-    from safetensors.torch import load_file
-
     spec_fields = {k: meta["heads"].get(k) for k in ("image_dim", "text_dim", "image_rank", "text_hidden")}
     heads = MiniSiglipHeads(HeadSpec(**spec_fields))
     path = directory / meta["heads"]["file"]
@@ -224,7 +224,7 @@ def load_heads(directory: Path, meta: dict[str, Any]) -> tuple[MiniSiglipHeads, 
     expected = meta["heads"].get("sha256")
     if expected and expected != digest:
         raise ValueError(f"{path} does not match the sha256 recorded in {directory / MODEL_JSON}; the folder was modified")
-    heads.load_state_dict(load_file(str(path)))
+    heads.load_state_dict(load_safetensors_file(path, LOCAL_MODEL_REMEDY))
     return heads, digest
 
 
