@@ -22,7 +22,7 @@ def error_types() -> tuple[type[BaseException], ...]:
     from ..catalog import CatalogError
     from ..images import ImageLoadError
     from ..models.base import ModelUnavailableError, TextNotSupportedError
-    from ..store import EmbeddingsNotFoundError
+    from ..store import CacheError, EmbeddingsNotFoundError
 
     return (
         UserError,
@@ -31,6 +31,7 @@ def error_types() -> tuple[type[BaseException], ...]:
         ModelUnavailableError,
         TextNotSupportedError,
         EmbeddingsNotFoundError,
+        CacheError,
         KeyError,
         ValueError,
         FileNotFoundError,
@@ -40,6 +41,13 @@ def error_types() -> tuple[type[BaseException], ...]:
 def add_catalog_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--catalog", required=required, type=Path, help="catalog folder (styles.csv + images/) or CSV with id,image")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache and results folder (default: ./work)")
+
+
+def add_allow_partial_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-partial", action="store_true",
+        help="use the catalog items that have a cached vector even when some do not yet (default: refuse and name the vrec extract command that fills them)",
+    )  # fmt: skip
 
 
 def add_model_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
