@@ -164,7 +164,7 @@ def _check_k(k: Any) -> None:
 
 def _index(index, workdir, catalog, model, backend, index_config, allow_partial) -> VectorIndex:
     if index is None:
-        return build_index(workdir, catalog, model, backend=backend, **index_config)
+        return build_index(workdir, catalog, model, backend=backend, allow_partial=allow_partial, **index_config)
     if index_config:
         raise ValueError(f"index settings {sorted(index_config)} cannot apply to an index passed in")
     if index.model != model:

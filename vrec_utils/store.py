@@ -133,9 +133,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+_NOTED: set[str] = set()
+
+
 def _note(message: str) -> None:
-    """One line on stderr about the cache (damage dropped, partial coverage)."""
-    print(f"vrec: {message}", file=sys.stderr)
+    """One line on stderr about the cache (damage dropped, partial coverage), once per process."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"vrec: {message}", file=sys.stderr)
 
 
 # ================================================================================ content keys
