@@ -125,7 +125,8 @@ class Killed(BaseException):
     the process, is released by the kernel in both cases)."""
 
 
-def _count_steps(monkeypatch, catalog, workdir) -> int:
+def _count_steps(monkeypatch, catalog, workdir, before) -> int:
+    before(workdir)
     calls = {"n": 0}
     for name in ("_write_bytes", "_replace", "_remove"):
         real = getattr(store, name)
@@ -140,12 +141,21 @@ def _count_steps(monkeypatch, catalog, workdir) -> int:
     return calls["n"]
 
 
-def test_crash_at_every_write_step_then_rerun_repairs(tmp_path, monkeypatch, catalog, reference, capsys):
-    steps = _count_steps(monkeypatch, catalog, tmp_path / "count")
-    assert steps >= 20  # 4 chunks, consolidation, commit, removals, memo, skipped.csv, manifest
+@pytest.mark.parametrize("start", ["empty", "half cached"])
+def test_crash_at_every_write_step_then_rerun_repairs(tmp_path, monkeypatch, catalog, reference, capsys, start):
+    """Empty: 4 chunks, the first consolidation. Half cached: 2 chunks on top of a committed
+    generation, whose files the new commit replaces."""
+
+    def before(workdir):
+        if start == "half cached":
+            extract(catalog, workdir, limit=N_ITEMS // 2)
+
+    steps = _count_steps(monkeypatch, catalog, tmp_path / "count", before)
+    assert steps >= 15  # chunks, consolidation, commit, removals, skipped.csv, manifest
     held = 0
     for step in range(1, steps + 1):
         workdir = tmp_path / f"crash-{step}"
+        before(workdir)
         calls = {"n": 0}
         for name in ("_write_bytes", "_replace", "_remove"):
             real = getattr(store, name)
