@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from filelock import FileLock
 from torchvision import transforms
 
 from vrec_utils import store
