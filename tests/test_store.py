@@ -235,6 +235,7 @@ DAMAGE = {
     "keys bit flipped": lambda d: _flip_sign_bit(next(d.glob("keys-*.npy")), 8),
     "vectors deleted": lambda d: next(d.glob("vectors-*.npy")).unlink(),
     "commit.json garbled": lambda d: (d / "commit.json").write_text("{not json"),
+    "commit.json fields missing": lambda d: (d / "commit.json").write_text('{"rows": 60}'),
 }
 
 

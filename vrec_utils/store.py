@@ -343,11 +343,15 @@ class VectorStore:
         return sorted(p for p in self.directory.glob("chunk-*.npz") if _CHUNK_RE.match(p.name))
 
     def commit(self) -> dict[str, Any] | None:
+        """The commit record, None when there is none or it cannot be read (reported)."""
         try:
-            return json.loads((self.directory / COMMIT).read_text())
+            record = json.loads((self.directory / COMMIT).read_text())
+            int(record["rows"]), int(record["dim"]), int(record["generation"])
+            str(record["keys"]["file"]), int(record["keys"]["size"]), str(record["vectors"]["file"]), int(record["vectors"]["size"])
+            return record
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             _note(f"{self.directory / COMMIT}: unreadable ({type(exc).__name__}); its vectors are dropped and `vrec extract` re-embeds them")
             return None
 
