@@ -17,7 +17,7 @@ from hostile import READABLE, UNREADABLE, make_hostile_catalog
 from vrec_utils.catalog import load_catalog
 from vrec_utils.extract import extract_image_embeddings, resolve_precision
 from vrec_utils.models.base import Embedder
-from vrec_utils.store import EmbeddingsNotFoundError, list_caches, load_embeddings
+from vrec_utils.store import EmbeddingsNotFoundError, VectorStore, list_caches, load_embeddings
 
 
 class SmallConvEmbedder(Embedder):
@@ -61,7 +61,8 @@ def test_extract_embeds_caches_and_reuses(tmp_path, small_catalog):
     again = extract_image_embeddings(small_catalog, SmallConvEmbedder(), tmp_path, num_workers=0, precision="fp32", progress=False)
     assert again.n_new == 0 and again.n_cached == 200
     loaded = load_embeddings(tmp_path, small_catalog, "test-small-conv")
-    assert isinstance(loaded.vectors, np.memmap)  # loading is memory-mapped
+    # the store's consolidated vectors are memory-mapped; a catalog gets its own rows of them
+    assert isinstance(VectorStore(Path(loaded.manifest["store"])).view().vectors, np.memmap)
     np.testing.assert_array_equal(np.asarray(loaded.vectors), np.asarray(emb.vectors))
     manifest = json.loads((first.cache_dir / "manifest.json").read_text())
     assert manifest["complete"] and manifest["count"] == 200 and manifest["precision"] == "fp32"

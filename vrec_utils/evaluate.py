@@ -1079,6 +1079,8 @@ def evaluate_models(
     catalog: Catalog | str | os.PathLike,
     workdir: str | os.PathLike,
     models: Sequence[str],
+    *,
+    allow_partial: bool = False,
     **options: Any,
 ) -> EvaluationResult:
     """Evaluate the cached embeddings of ``models`` (loaded with :func:`load_embeddings`).
@@ -1091,14 +1093,15 @@ def evaluate_models(
     ``n_bootstrap=2000``, ``n_permutations=10000``, ``ci_method="bca"`` or ``"percentile"``,
     ``confidence=0.95``, ``seed=0``, ``backend="matrix"`` (exact similarity-matrix blocks) or
     an index backend such as ``"faiss"`` (through vrec_utils.index, with ``index_options``). Raises EmbeddingsNotFoundError for a model with no cache, CatalogError for a
-    label column that does not exist.
+    label column that does not exist, and PartialCacheError when catalog items lack a vector
+    unless ``allow_partial`` (then items without a vector for every model are left out).
     """
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog)
     names = list(dict.fromkeys(models))
     if not names:
         raise ValueError("no models to evaluate")
-    embeddings = {name: load_embeddings(workdir, catalog, name) for name in names}
+    embeddings = {name: load_embeddings(workdir, catalog, name, allow_partial=allow_partial) for name in names}
     return evaluate_embeddings(catalog, embeddings, **options)
 
 

@@ -91,6 +91,9 @@ def default_num_workers() -> int:
 
 @dataclass(frozen=True)
 class ExtractResult:
+    """One extraction run. ``n_cached`` items reused a vector of the same content (from any
+    catalog), ``n_new`` were embedded because their content was new or changed."""
+
     embeddings: Embeddings
     cache_dir: Path
     n_requested: int
@@ -106,10 +109,31 @@ class ExtractResult:
 
     def summary(self) -> str:
         return (
-            f"{self.embeddings.model}: {self.n_new} embedded, {self.n_cached} from cache, "
-            f"{len(self.skipped)} skipped, {self.precision}, "
+            f"{self.embeddings.model}: reused {self.n_cached} (same content), embedded {self.n_new} "
+            f"(new or changed), {len(self.skipped)} skipped, {self.precision}, "
             f"{self.images_per_second:.1f} img/s -> {self.cache_dir}"
         )
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.embeddings.model, "cache_dir": str(self.cache_dir), "requested": self.n_requested,
+            "reused": self.n_cached, "reused_because": "same content (model, precision, normalisation and image/text digest)",
+            "embedded": self.n_new, "embedded_because": "new or changed content",
+            "from_cache": self.n_cached, "skipped": len(self.skipped), "precision": self.precision,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2) if self.n_new else None,
+        }  # fmt: skip
+
+
+def _todo(items: pd.DataFrame | pd.Series, cache: EmbeddingCache) -> pd.Index:
+    """Ids to embed: content not in the store yet, one id per distinct content (copies of an
+    image reuse the first copy's vector); ids with no content key stay, so that extraction
+    reports why they cannot be read."""
+    done = cache.done_ids()
+    keys = cache.keys.reindex(items.index).fillna("")
+    pending = ~items.index.isin(list(done))
+    first_of_content = ~keys.duplicated() | (keys == "")
+    return items.index[pending & first_of_content.to_numpy()]
 
 
 def extract_image_embeddings(
@@ -124,33 +148,36 @@ def extract_image_embeddings(
     limit: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
+    lock_timeout: float | None = None,
 ) -> ExtractResult:
-    """Embed the catalog's images (the first ``limit`` if given), reusing whatever is cached."""
+    """Embed the catalog's images (the first ``limit`` if given), reusing every vector of the
+    same content already in the cache (whichever catalog it was made for)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not embedder.has_image:
         raise ValueError(f"model {embedder.name!r} has no image tower; use it for text (--text)")
     precision = resolve_precision(precision, embedder.device)
-    cache = EmbeddingCache.open(workdir, catalog, embedder.identity(), precision=precision, normalized=normalize)
-    items = catalog.items if limit is None else catalog.items.iloc[:limit]
-    done = cache.done_ids()
-    todo = items[~items.index.isin(list(done))]
-    start = time.perf_counter()
-    skipped: dict[str, str] = {}
-    if len(todo):
-        skipped = _run_image_batches(
-            todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress
-        )
-    seconds = time.perf_counter() - start
-    cache.write_skipped({**catalog.report.refused_rows(), **skipped})
+    with EmbeddingCache.open(
+        workdir, catalog, embedder.identity(), precision=precision, normalized=normalize, lock_timeout=lock_timeout
+    ) as cache:
+        items = catalog.items if limit is None else catalog.items.iloc[:limit]
+        todo = items.loc[_todo(items, cache)]
+        start = time.perf_counter()
+        skipped: dict[str, str] = {}
+        if len(todo):
+            skipped = _run_image_batches(
+                todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress
+            )
+        seconds = time.perf_counter() - start
+        cache.write_skipped({**catalog.report.refused_rows(), **skipped})
+        cache.consolidate()
+        embeddings = cache.load()
     n_new = len(todo) - len(skipped)
-    complete = limit is None or limit >= len(catalog.items)
-    cache.consolidate(complete=complete)
     return ExtractResult(
-        embeddings=cache.load(),
+        embeddings=embeddings,
         cache_dir=cache.directory,
         n_requested=len(items),
-        n_cached=len(items) - len(todo),
+        n_cached=len(items) - n_new - len(skipped),
         n_new=n_new,
         skipped=cache.skipped(),
         precision=precision,
@@ -269,31 +296,31 @@ def extract_text_embeddings(
     if not embedder.has_text:
         embedder.encode_text([])  # raises TextNotSupportedError with the explanation
     precision = resolve_precision(precision, embedder.device)
-    cache = EmbeddingCache.open(
+    with EmbeddingCache.open(
         workdir, catalog, embedder.identity(), precision=precision, normalized=normalize,
         modality="text", source_column=column,
-    )
-    texts = catalog.items[column].astype(str).str.strip()
-    done = cache.done_ids()
-    todo = texts[~texts.index.isin(list(done))]
-    skipped = {i: f"empty {column}" for i in todo.index[todo == ""]}
-    todo = todo[todo != ""]
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"embed {embedder.name} text", unit="text", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), autocast_context(precision, embedder.device), bar:  # bar: closed on errors too
-        for begin in range(0, len(todo), batch_size):
-            batch = todo.iloc[begin : begin + batch_size]
-            features = embedder.encode_text(batch.tolist()).float()
-            if normalize:
-                features = torch.nn.functional.normalize(features, dim=-1)
-            cache.append(batch.index.tolist(), features.cpu().numpy())
-            bar.update(len(batch))
-    bar.close()
-    seconds = time.perf_counter() - start
-    cache.write_skipped({**catalog.report.refused_rows(), **skipped})
-    cache.consolidate(complete=True)
+    ) as cache:
+        texts = catalog.items[column].astype(str).str.strip()
+        todo = texts.loc[_todo(texts, cache)]
+        skipped = {i: f"empty {column}" for i in texts.index[texts == ""]}
+        todo = todo[todo != ""]
+        start = time.perf_counter()
+        bar = tqdm(total=len(todo), desc=f"embed {embedder.name} text", unit="text", disable=not progress, file=sys.stderr)
+        with torch.inference_mode(), autocast_context(precision, embedder.device), bar:  # bar: closed on errors too
+            for begin in range(0, len(todo), batch_size):
+                batch = todo.iloc[begin : begin + batch_size]
+                features = embedder.encode_text(batch.tolist()).float()
+                if normalize:
+                    features = torch.nn.functional.normalize(features, dim=-1)
+                cache.append(batch.index.tolist(), features.cpu().numpy())
+                bar.update(len(batch))
+        bar.close()
+        seconds = time.perf_counter() - start
+        cache.write_skipped({**catalog.report.refused_rows(), **skipped})
+        cache.consolidate()
+        embeddings = cache.load()
     return ExtractResult(
-        embeddings=cache.load(),
+        embeddings=embeddings,
         cache_dir=cache.directory,
         n_requested=len(texts),
         n_cached=len(texts) - len(todo) - len(skipped),

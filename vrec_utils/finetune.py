@@ -1072,18 +1072,18 @@ def extract_finetuned_embeddings(
     if not isinstance(embedder, MiniSiglipEmbedder):
         return extract_image_embeddings(catalog, embedder, workdir, batch_size=batch_size, progress=progress).embeddings
     base = extract_image_embeddings(catalog, embedder.image_tower, workdir, batch_size=batch_size, progress=progress)
-    cache = EmbeddingCache.open(workdir, catalog, embedder.identity(), precision=base.precision, normalized=True)
-    done = cache.done_ids()
-    todo = [i for i in map(str, base.embeddings.ids) if i in catalog.items.index and i not in done]
-    for begin in range(0, len(todo), 4096):
-        chunk = todo[begin : begin + 4096]
-        x = torch.from_numpy(np.asarray(base.embeddings.vectors_for(chunk), dtype=np.float32)).to(embedder.device)
-        with torch.inference_mode(), autocast_context(base.precision, embedder.device):
-            out = embedder.heads.image(x, embedder.alpha).float()
-        cache.append(chunk, F.normalize(out, dim=-1).cpu().numpy())
-    cache.write_skipped(dict(zip(base.skipped["id"], base.skipped["reason"])))
-    cache.consolidate(complete=base.embeddings.manifest.get("complete", False), extra={"features_from": str(base.cache_dir)})
-    return cache.load()
+    with EmbeddingCache.open(workdir, catalog, embedder.identity(), precision=base.precision, normalized=True) as cache:
+        done = cache.done_ids()
+        todo = [i for i in map(str, base.embeddings.ids) if i in catalog.items.index and i not in done]
+        for begin in range(0, len(todo), 4096):
+            chunk = todo[begin : begin + 4096]
+            x = torch.from_numpy(np.asarray(base.embeddings.vectors_for(chunk), dtype=np.float32)).to(embedder.device)
+            with torch.inference_mode(), autocast_context(base.precision, embedder.device):
+                out = embedder.heads.image(x, embedder.alpha).float()
+            cache.append(chunk, F.normalize(out, dim=-1).cpu().numpy())
+        cache.write_skipped(dict(zip(base.skipped["id"], base.skipped["reason"])))
+        cache.consolidate(extra={"features_from": str(base.cache_dir)})
+        return cache.load()
 
 
 

@@ -39,6 +39,7 @@ def recommend(
     same_category: str | None = None,
     backend: str = "faiss",
     index: VectorIndex | None = None,
+    allow_partial: bool = False,
     **index_config: Any,
 ) -> pd.DataFrame:
     """The ``k`` items most similar to each catalog item in ``item_ids``, never the item itself.
@@ -51,7 +52,7 @@ def recommend(
     _check_k(k)
     if same_category is not None:
         catalog.require_column(same_category)
-    embeddings = load_embeddings(workdir, catalog, model)
+    embeddings = load_embeddings(workdir, catalog, model, allow_partial=allow_partial or index is not None)
     try:
         vectors = embeddings.vectors_for(ids)
     except KeyError as exc:
@@ -59,7 +60,7 @@ def recommend(
             f"{exc.args[0]}: its image was skipped at extraction (see skipped.csv) or extraction has not "
             f"finished; rerun: vrec extract --catalog {catalog.root} --model {model} --workdir {workdir}"
         ) from None
-    index = _index(index, workdir, catalog, model, backend, index_config)
+    index = _index(index, workdir, catalog, model, backend, index_config, allow_partial)
     filters = None
     if same_category is not None:
         filters = [{same_category: str(catalog.items.at[i, same_category])} for i in ids]
@@ -80,6 +81,7 @@ def search_by_image(
     filters: Mapping[str, str] | None = None,
     backend: str = "faiss",
     index: VectorIndex | None = None,
+    allow_partial: bool = False,
     **index_config: Any,
 ) -> pd.DataFrame:
     """Visual search: the ``k`` catalog items closest to each query image (files or PIL images,
@@ -101,7 +103,7 @@ def search_by_image(
             names.append(str(item))
         else:
             raise ValueError(f"query images must be paths or PIL images, got {type(item).__name__}")
-    index = _index(index, workdir, catalog, model, backend, index_config)
+    index = _index(index, workdir, catalog, model, backend, index_config, allow_partial)
     embedder = _embedder(embedder, model, weights, device)
     precision = _check_same_weights(embedder, workdir, catalog, model)
     with autocast_context(precision, embedder.device):  # queries in the catalog's precision
@@ -122,6 +124,7 @@ def search_by_text(
     filters: Mapping[str, str] | None = None,
     backend: str = "faiss",
     index: VectorIndex | None = None,
+    allow_partial: bool = False,
     **index_config: Any,
 ) -> pd.DataFrame:
     """Text-to-image search (vision-language models: SigLIP, open_clip, mini-siglip): the ``k``
@@ -134,7 +137,7 @@ def search_by_text(
         _require_text_tower(model)
     elif not embedder.has_text:
         embedder.encode_text(queries)  # raises TextNotSupportedError with the explanation
-    index = _index(index, workdir, catalog, model, backend, index_config)
+    index = _index(index, workdir, catalog, model, backend, index_config, allow_partial)
     embedder = _embedder(embedder, model, weights, device)
     precision = _check_same_weights(embedder, workdir, catalog, model)
     with autocast_context(precision, embedder.device):  # queries in the catalog's precision
@@ -164,9 +167,9 @@ def _check_k(k: Any) -> None:
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
-def _index(index, workdir, catalog, model, backend, index_config) -> VectorIndex:
+def _index(index, workdir, catalog, model, backend, index_config, allow_partial) -> VectorIndex:
     if index is None:
-        return build_index(workdir, catalog, model, backend=backend, **index_config)
+        return build_index(workdir, catalog, model, backend=backend, allow_partial=allow_partial, **index_config)
     if index_config:
         raise ValueError(f"index settings {sorted(index_config)} cannot apply to an index passed in")
     if index.model != model:

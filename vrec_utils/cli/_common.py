@@ -23,7 +23,7 @@ def error_types() -> tuple[type[BaseException], ...]:
     from ..catalog import CatalogError
     from ..images import ImageLoadError
     from ..models.base import ModelUnavailableError, TextNotSupportedError
-    from ..store import EmbeddingsNotFoundError
+    from ..store import CacheError, EmbeddingsNotFoundError
 
     return (
         UserError,
@@ -32,6 +32,7 @@ def error_types() -> tuple[type[BaseException], ...]:
         ModelUnavailableError,
         TextNotSupportedError,
         EmbeddingsNotFoundError,
+        CacheError,
         KeyError,
         ValueError,
         FileNotFoundError,
@@ -111,6 +112,13 @@ def check_device(value: str | None, flag: str = "--device") -> None:
 def add_catalog_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--catalog", required=required, type=Path, help="catalog folder (styles.csv + images/) or CSV with id,image")
     parser.add_argument("--workdir", type=directory_path, default=DEFAULT_WORKDIR, help="cache and results folder (default: ./work)")
+
+
+def add_allow_partial_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-partial", action="store_true",
+        help="use the catalog items that have a cached vector even when some do not yet (default: refuse and name the vrec extract command that fills them)",
+    )  # fmt: skip
 
 
 def add_model_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:

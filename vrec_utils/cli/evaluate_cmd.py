@@ -11,7 +11,7 @@ import pandas as pd
 from ..catalog import Split, load_catalog
 from ..evaluate import CI_METHODS, MATRIX, EvaluationResult, evaluate_models
 from ..metrics import GAINS
-from ._common import UserError, add_catalog_args, positive_int, print_frame, split_list
+from ._common import UserError, add_allow_partial_arg, add_catalog_args, positive_int, print_frame, split_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Relevance comes from a label column (default articleType), a label hierarchy, or an interaction log.",
     )
     add_catalog_args(p)
+    add_allow_partial_arg(p)
     p.add_argument("--models", required=True, help="comma-separated cached models; the first is the baseline of comparisons")
     rel = p.add_mutually_exclusive_group()
     rel.add_argument("--label", default=None, metavar="COLUMN", help="binary relevance: same value of COLUMN (default: articleType)")
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         options["hierarchy"] = split_list(args.hierarchy)
     elif args.interactions:
         options["interactions"] = args.interactions
-    result = evaluate_models(catalog, args.workdir, models, **options)
+    result = evaluate_models(catalog, args.workdir, models, allow_partial=args.allow_partial, **options)
     print_result(result)
     if args.per_category is not None:
         ndcg = next((m for m in result.metrics if m.startswith("ndcg")), result.metrics[0])

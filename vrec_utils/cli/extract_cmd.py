@@ -40,14 +40,7 @@ def run(args: argparse.Namespace) -> int:
             **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
         )
     if args.json:
-        print_json(
-            {
-                "model": args.model, "cache_dir": str(result.cache_dir), "requested": result.n_requested,
-                "from_cache": result.n_cached, "embedded": result.n_new, "skipped": len(result.skipped),
-                "precision": result.precision, "seconds": round(result.seconds, 3),
-                "images_per_second": round(result.images_per_second, 2) if result.n_new else None,
-            }
-        )
+        print_json(result.to_json())
     else:
         print(result.summary())
     if len(result.skipped):

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..catalog import load_catalog
 from ..index import build_index
-from ._common import UserError, add_catalog_args, positive_int, print_json, split_list
+from ._common import UserError, add_allow_partial_arg, add_catalog_args, positive_int, print_json, split_list
 
 FAISS_OPTIONS = ("ann", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "threads", "exact_method")
 ES_OPTIONS = ("config_file", "index_name", "index_type", "num_candidates")
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_catalog_args(p)
+    add_allow_partial_arg(p)
     p.add_argument("--model", required=True, help="model whose cached embeddings to index (see `vrec models`)")
     p.add_argument("--filter-columns", default=None, help="comma-separated label columns usable as filters (default: all)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if a saved index matches (ES: re-send every document)")
@@ -71,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
     columns = split_list(args.filter_columns) if args.filter_columns is not None else None
     start = time.perf_counter()
     config = index_config(args)
-    index = build_index(args.workdir, catalog, args.model, backend=args.backend, filter_columns=columns, rebuild=args.rebuild, **config)
+    index = build_index(
+        args.workdir, catalog, args.model, backend=args.backend, filter_columns=columns, rebuild=args.rebuild,
+        allow_partial=args.allow_partial, **config,
+    )
     seconds = time.perf_counter() - start
     summary = {**index.describe(), "seconds": round(seconds, 3), **{k: v for k, v in index.info.items() if k != "fingerprint"}}
     if args.json:

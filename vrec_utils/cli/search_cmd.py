@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..catalog import load_catalog
-from ._common import UserError, add_catalog_args, add_model_args, positive_int, print_frame
+from ._common import UserError, add_allow_partial_arg, add_catalog_args, add_model_args, positive_int, print_frame
 from .index_cmd import add_backend_args, index_config
 
 
@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The k items whose cached embeddings are closest to the item's (cosine similarity).",
     )
     add_catalog_args(r)
+    add_allow_partial_arg(r)
     r.add_argument("--model", required=True, help="model whose cached embeddings to use (see `vrec models`)")
     r.add_argument("--item", action="append", required=True, metavar="ID", help="catalog item id (repeat for several)")
     r.add_argument("-k", type=positive_int, default=5, help="results per item (default 5)")
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Embed the query image(s) or text(s) with the model and return the closest catalog items.",
     )
     add_catalog_args(s)
+    add_allow_partial_arg(s)
     add_model_args(s)
     what = s.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", action="append", type=Path, metavar="PATH", help="query image file (repeat for several)")
@@ -47,7 +49,10 @@ def run_recommend(args: argparse.Namespace) -> int:
 
     catalog = load_catalog(args.catalog)
     config = index_config(args)
-    frame = recommend(catalog, args.workdir, args.model, args.item, args.k, same_category=args.same_category, backend=args.backend, **config)
+    frame = recommend(
+        catalog, args.workdir, args.model, args.item, args.k, same_category=args.same_category, backend=args.backend,
+        allow_partial=args.allow_partial, **config,
+    )
     print_frame(frame, as_json=args.json)
     return 0
 
@@ -65,7 +70,7 @@ def run_search(args: argparse.Namespace) -> int:
     for column in filters:
         catalog.require_column(column)
     config = index_config(args)
-    common = dict(weights=args.weights, device=args.device, filters=filters or None, backend=args.backend, **config)
+    common = dict(weights=args.weights, device=args.device, filters=filters or None, backend=args.backend, allow_partial=args.allow_partial, **config)
     if args.image:
         frame = search_by_image(catalog, args.workdir, args.model, args.image, args.k, **common)
     else:

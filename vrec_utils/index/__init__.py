@@ -38,6 +38,7 @@ def build_index(
     backend: str = "faiss",
     filter_columns: str | Sequence[str] | None = None,
     rebuild: bool = False,
+    allow_partial: bool = False,
     **config: Any,
 ) -> VectorIndex:
     """An index over ``model``'s cached image embeddings of ``catalog``'s items.
@@ -50,7 +51,8 @@ def build_index(
     for FAISS; ``index_name=..``, ``config_file=..`` for Elasticsearch).
 
     Raises :class:`~vrec_utils.store.EmbeddingsNotFoundError` (naming the ``vrec extract`` command)
-    when the embeddings are not cached.
+    when the embeddings are not cached, and :class:`~vrec_utils.store.PartialCacheError` when some
+    catalog items lack a vector, unless ``allow_partial`` (then the items that have one are indexed).
     """
     cls = get_index_class(backend)
     if filter_columns is None:
@@ -58,7 +60,7 @@ def build_index(
     else:
         columns = [filter_columns] if isinstance(filter_columns, str) else list(filter_columns)
         columns = [catalog.require_column(c) for c in columns]
-    embeddings = load_embeddings(workdir, catalog, model)
+    embeddings = load_embeddings(workdir, catalog, model, allow_partial=allow_partial)
     embeddings = _restrict_to_catalog(embeddings, catalog)
     metadata = catalog.items.loc[embeddings.ids, columns]
     return cls._from_embeddings(
@@ -73,11 +75,12 @@ def build_index(
 
 
 def embedding_cache_dir(workdir: str | os.PathLike, catalog: Catalog, embeddings: Embeddings) -> Path:
-    """The folder of the embedding cache ``embeddings`` were loaded from."""
-    manifest = embeddings.manifest
-    base = catalog_dir(workdir, catalog) / slugify(manifest["model"])
-    directory = base / f"{manifest.get('modality', 'image')}-{manifest.get('key', '')}"
-    return directory if directory.is_dir() else base
+    """The catalog's folder in the vector store ``embeddings`` were loaded from (indexes are
+    saved there: they hold the catalog's ids and labels, the vectors are shared)."""
+    folder = embeddings.manifest.get("catalog_dir")
+    if folder:
+        return Path(folder)
+    return Path(workdir) / "embeddings" / slugify(embeddings.model) / "catalogs" / catalog_dir(workdir, catalog)
 
 
 def _restrict_to_catalog(embeddings: Embeddings, catalog: Catalog) -> Embeddings:
