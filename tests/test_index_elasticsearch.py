@@ -1,6 +1,7 @@
 """Elasticsearch backend.
 
-Three layers, none needing a server unless VREC_ES_URL is set:
+Three layers; only the ``es_live`` ones need a server (VREC_ES_URL, or the node that the ``es_url``
+fixture starts with scripts/es-test-node.sh; tests/test_index_elasticsearch_live.py has the rest):
 
 1. request bodies built by the pure functions, checked exactly (mapping, bulk actions, kNN);
 2. the real ``elasticsearch.Elasticsearch`` client wired to an in-process fake node
@@ -8,7 +9,7 @@ Three layers, none needing a server unless VREC_ES_URL is set:
    after the client serialised them, and the index logic (backfill, retries, failure report,
    deletes, score conversion) runs end to end;
 3. scenario tests (same as the FAISS ones: exact neighbours, filters, self-exclusion, persistence)
-   run against the fake and, when VREC_ES_URL is set, against a live server (``es_live``).
+   run against the fake and against a live server (``es_live``).
 """
 
 from __future__ import annotations
@@ -164,12 +165,16 @@ class FakeElasticsearch:
                 items.append({op: {**result, "status": status, "error": {"type": kind, "reason": "injected"}}})
                 errors = True
                 continue
-            if "script" in body:
+            if not body.get("doc_as_upsert"):  # a partial update: null removes a field
                 if doc_id not in index["docs"]:
                     items.append({op: {**result, "status": 404, "error": {"type": "document_missing_exception", "reason": "missing"}}})
                     errors = True
                     continue
-                index["docs"][doc_id].pop(body["script"]["params"]["field"], None)
+                for field, value in body["doc"].items():
+                    if value is None:
+                        index["docs"][doc_id].pop(field, None)
+                    else:
+                        index["docs"][doc_id][field] = value
             else:
                 problem = _check_doc(index["mappings"], body["doc"])
                 if problem:
@@ -317,10 +322,7 @@ def test_bulk_upsert_actions_are_exact_and_idempotent():
 
 def test_remove_vector_actions_only_drop_this_models_field():
     assert list(bulk_remove_vector_actions("vrec-items", "emb_m", ["7"])) == [
-        {
-            "_op_type": "update", "_index": "vrec-items", "_id": "7",
-            "script": {"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": "emb_m"}},
-        }
+        {"_op_type": "update", "_index": "vrec-items", "_id": "7", "doc": {"emb_m": None}}
     ]
 
 
@@ -557,7 +559,7 @@ def test_delete_removes_only_this_models_vector_and_refuses_unknown_ids(fake):
     (bulk,) = _calls(fake, suffix="_bulk")
     assert bulk[3] == [
         {"update": {"_index": "vrec-test", "_id": "a"}},
-        {"script": {"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": "emb_m"}}},
+        {"doc": {"emb_m": None}},
     ]
     assert len(index) == 1
     assert fake.indices["vrec-test"]["docs"]["a"] == {"item_id": "a", "articleType": "x"}
@@ -599,21 +601,19 @@ def test_server_down_during_search_is_reported_clearly(fake):
 # ======================================================================================= 3. scenarios (fake + live)
 
 
-def _live_config():
-    return load_es_config(defaults={"request_timeout": 60})
+def _live_config(url):
+    return load_es_config(url=url, request_timeout=60)
 
 
 @pytest.fixture(params=["fake", pytest.param("live", marks=pytest.mark.es_live)])
 def es_index_factory(request):
-    """Makes ElasticsearchIndex objects on a fresh index of the fake or, with VREC_ES_URL, a live server."""
+    """Makes ElasticsearchIndex objects on a fresh index of the fake or of a live server."""
     name = f"vrec-test-{uuid.uuid4().hex[:8]}"
     if request.param == "fake":
         server = FakeElasticsearch()
         kwargs = {"client": server.client()}
     else:
-        if not os.environ.get("VREC_ES_URL"):
-            pytest.skip("set VREC_ES_URL to run the live Elasticsearch tests")
-        kwargs = {"config": _live_config()}
+        kwargs = {"config": _live_config(request.getfixturevalue("es_url"))}
     made = []
 
     def make(model, dim, columns, **extra):

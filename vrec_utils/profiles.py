@@ -234,7 +234,7 @@ class RunContext:
     split: Split | None = None
     device: str | None = "auto"
     progress: bool = True
-    _indexes: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _indexes: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
     _embedders: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- naming --------------------------------------------------------------------------
@@ -331,8 +331,10 @@ class RunContext:
 
     # -- indexes and queries ------------------------------------------------------------------
     def index(self, model: str, backend: str = "faiss", **config: Any):
-        key = (model, backend)
-        if key not in self._indexes or config:
+        """``model``'s index on ``backend``, built once per settings and reused by every search
+        (an Elasticsearch index object is not reopened, nor its backfill checked, per query)."""
+        key = (model, backend, tuple(sorted((k, repr(v)) for k, v in config.items())))
+        if key not in self._indexes:
             from .index import build_index
 
             self._indexes[key] = build_index(self.workdir, self.catalog, model, backend=backend, **config)

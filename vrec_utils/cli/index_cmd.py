@@ -71,12 +71,11 @@ def index_config(args: argparse.Namespace) -> dict[str, Any]:
 @contextlib.contextmanager
 def backend_errors() -> Iterator[None]:
     """Backend failures users fix (server down, credentials, rejected documents) as one-line errors."""
-    from ..index import BackendUnavailableError
-    from ..index.elasticsearch import BulkIndexError
+    from ..index import IndexBackendError
 
     try:
         yield
-    except (BackendUnavailableError, BulkIndexError) as exc:
+    except IndexBackendError as exc:  # BulkIndexError included
         raise UserError(str(exc)) from None
 
 
