@@ -25,7 +25,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vrec_utils.index import BackendUnavailableError, VectorIndex, build_index, create_index
+from vrec_utils.index import (
+    BackendUnavailableError,
+    IndexBackendError,
+    IndexNotFoundError,
+    IndexSettingsMismatchError,
+    VectorIndex,
+    build_index,
+    create_index,
+)
 from vrec_utils.index.elasticsearch import (
     MAX_KNN,
     BulkIndexError,
@@ -674,3 +682,84 @@ def test_scenario_persistence_reconnects_to_the_same_index(es_index_factory, rea
     assert isinstance(again, ElasticsearchIndex) and len(again) == 50
     q = np.asarray(embeddings.vectors[:3])
     np.testing.assert_array_equal(again.search(q, 5).ids, index.search(q, 5).ids)
+
+
+# ======================================================================================= 4. error answers (fake)
+
+
+class _Answering(FakeElasticsearch):
+    """A fake whose every request (or only ``GET /``) is answered with ``status``."""
+
+    def __init__(self, status: int, kind: str, only_root: bool = False) -> None:
+        super().__init__()
+        self.status, self.kind, self.only_root = status, kind, only_root
+
+    def handle(self, method, target, raw):
+        if self.only_root and urlsplit(target).path.strip("/"):
+            if urlsplit(target).path == "/_cluster/health":
+                self.requests.append((method, "/_cluster/health", {}, None))
+                return 200, {"status": "green"}
+            return super().handle(method, target, raw)
+        self.requests.append((method, urlsplit(target).path, {}, None))
+        return self.status, {"error": {"type": self.kind, "reason": f"injected {self.status}"}, "status": self.status}
+
+
+def test_credentials_in_the_url_become_basic_auth_and_never_appear_in_messages():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = load_es_config(environ={"VREC_ES_URL": f"http://elastic:s3cr%40t@127.0.0.1:{port}"})
+    assert config.url == f"http://127.0.0.1:{port}" and (config.username, config.password) == ("elastic", "s3cr@t")
+    assert "s3cr" not in repr(config)
+    with pytest.warns(UserWarning, match="plain http"), pytest.raises(BackendUnavailableError) as info:
+        connect(config)
+    assert f"http://127.0.0.1:{port}" in str(info.value) and "s3cr" not in str(info.value) and "elastic:" not in str(info.value)
+    with pytest.raises(ValueError, match="give them one way") as both:
+        load_es_config(environ={"VREC_ES_URL": "http://u:secret@h:9200", "VREC_ES_API_KEY": "k"})
+    assert "secret" not in str(both.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "error", "message"),
+    [
+        (401, "security_exception", BackendUnavailableError, r"refused the credentials \(401\)"),
+        (503, "cluster_block_exception", BackendUnavailableError, r"is not ready \(503: cluster_block_exception: injected 503\).*_cluster/health"),
+        (404, "index_not_found_exception", IndexNotFoundError, "has no index 'vrec-test'.*vrec index --backend elasticsearch"),
+    ],
+)
+def test_error_answers_become_the_projects_one_line_exceptions(status, kind, error, message):
+    index = _small_index(FakeElasticsearch())
+    index.client = _Answering(status, kind).client()
+    with pytest.raises(error, match=message) as info:
+        index.search(np.ones(4), 3)
+    assert "http://localhost:9200" in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, IndexBackendError)
+
+
+def test_a_server_without_the_root_endpoint_is_checked_through_cluster_health():
+    server = _Answering(405, "method_not_allowed", only_root=True)
+    client = connect(ElasticsearchConfig(), node_class=server.node_class())
+    assert [r[:2] for r in server.requests] == [("GET", "/"), ("GET", "/_cluster/health")]
+    assert client is not None
+
+
+def test_reopening_a_saved_index_does_not_create_a_missing_one(fake, tmp_path):
+    index = _small_index(fake)
+    index.save(tmp_path / "es")
+    del fake.indices["vrec-test"]
+    with pytest.raises(IndexNotFoundError, match="has no index 'vrec-test'"):
+        VectorIndex.load(tmp_path / "es", client=fake.client())
+    assert "vrec-test" not in fake.indices
+
+
+def test_an_existing_field_with_other_index_options_is_refused(fake):
+    _small_index(fake)
+    with pytest.raises(IndexSettingsMismatchError, match=r"index_options.type 'hnsw' \(not 'flat'\)"):
+        _small_index(fake, index_type="flat")
+
+
+def test_hits_with_equal_scores_come_in_catalog_row_order(fake):
+    index = _small_index(fake)
+    ids = ["z", "a", "m"]  # rows 0, 1, 2; the same vector, so the same score
+    index.add(ids, np.tile(np.eye(4, dtype=np.float32)[:1], (3, 1)), pd.DataFrame({"articleType": ["x"] * 3}, index=ids))
+    assert index.search(np.eye(4)[0], 3).ids[0].tolist() == ["z", "a", "m"]  # not the server's id order

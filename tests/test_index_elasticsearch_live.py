@@ -274,3 +274,31 @@ def test_a_deleted_or_wrong_index_is_a_clear_error(live, data, tmp_path):
         VectorIndex.load(tmp_path / "es", config=live.config)  # reopening does not create an empty one
     with pytest.raises(ValueError, match="invalid Elasticsearch index name"):
         ElasticsearchIndex(MODEL, 4, [], config=live.config, index_name="Items With Spaces")
+
+
+# ======================================================================================= notebooks
+
+
+@pytest.mark.slow
+def test_notebook_02_indexes_and_compares_on_the_live_node(es_url, tmp_path, monkeypatch):
+    """The notebooks' Elasticsearch path once, cheaply: the smoke profile on 60 items."""
+    import pandas as pd
+
+    from vrec_utils.report import run_report
+
+    name = f"vrec-live-nb-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("VREC_ES_URL", es_url)
+    monkeypatch.setenv("VREC_ES_INDEX", name)
+    client = connect(load_es_config(url=es_url))
+    try:
+        result = run_report("smoke", out=tmp_path / "out", workdir=tmp_path / "work", sample_size=60,
+                            notebooks=["01", "02"], progress=False, log=lambda line: None)
+        indexes = pd.read_csv(result.tables_dir / "indexes_elasticsearch.csv")
+        agreement = pd.read_csv(result.tables_dir / "elasticsearch_agreement.csv")
+    finally:
+        mapping = client.indices.get_mapping(index=name).body[name]["mappings"] if client.indices.exists(index=name) else {}
+        client.indices.delete(index=name, ignore_unavailable=True)
+    assert indexes["backend"].tolist() == ["elasticsearch"] * 2 and (indexes["items"] == 60).all()
+    assert sorted(p for p in mapping["properties"] if p.startswith("emb_")) == ["emb_tiny_openclip", "emb_tiny_siglip"]
+    assert set(agreement["filter"]) == {"none", "subCategory"} and (agreement["queries"] > 0).all()
+    assert (agreement["overlap@5"] >= 0.9).all(), agreement  # HNSW on 60 items: (almost) FAISS exact
