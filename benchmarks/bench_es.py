@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             index.add(ids, vectors, metadata)
             docs_per_s = len(ids) / (time.perf_counter() - t)
-            client.indices.forcemerge(index=name, max_num_segments=1, request_timeout=600)  # a steady state to query
+            client.options(request_timeout=600).indices.forcemerge(index=name, max_num_segments=1)  # a steady state to query
             index.search(queries[:64], k)  # warm up
             settings = [None] if index_type == "flat" else [*candidates, None]
             for nc in settings:

@@ -61,7 +61,7 @@ fetch() {  # the distribution, unpacked under $CACHE (once)
   zip=$repo/org/elasticsearch/distribution/integ-test-zip/elasticsearch/$VERSION/elasticsearch-$VERSION.zip
   if [ ! -f "$zip" ]; then
     echo "es-test-node: fetching $ARTIFACT with Maven (~130 MB, once)" >&2
-    log=$(mvn -B -q dependency:get -Dartifact="$ARTIFACT" -Dtransitive=false 2>&1) ||
+    log=$(mvn -B -q -Dstyle.color=never dependency:get -Dartifact="$ARTIFACT" -Dtransitive=false 2>&1 | sed 's/\x1b\[[0-9;]*m//g'; exit "${PIPESTATUS[0]}") ||
       unavailable "mvn dependency:get -Dartifact=$ARTIFACT failed: $(printf '%s\n' "$log" | grep -m1 ERROR || printf '%s' "$log" | tail -1)"
     [ -f "$zip" ] || unavailable "Maven fetched $ARTIFACT but not into $repo; set VREC_M2_REPO to its local repository"
   fi

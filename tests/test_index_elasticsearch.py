@@ -592,6 +592,7 @@ def test_build_index_backfills_only_missing_documents(fake, real, monkeypatch):
     fake.requests.clear()
     index = build_index(workdir, catalog, MODEL, backend="elasticsearch", filter_columns=["articleType", "gender"])
     assert not _calls(fake, suffix="_bulk")  # idempotent re-run: nothing to send
+    assert not _calls(fake, suffix="_search")  # and, the embeddings being those recorded, no per-id check
     assert len(index) == N_ITEMS
 
 
