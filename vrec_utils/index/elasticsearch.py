@@ -18,7 +18,14 @@ never from code::
     VREC_ES_INDEX          index name (default vrec-<catalog> from build_index, else vrec-items)
 
 Scores: Elasticsearch returns ``(1 + cosine) / 2`` for ``similarity: cosine``; results are
-converted back to cosine so they compare with FAISS.
+converted back to cosine so they compare with FAISS, and hits are ordered by the project's tie
+rule (score descending, then catalog row ascending).
+
+Failures users fix come out as :class:`~vrec_utils.index.base.IndexBackendError` subclasses with
+one line naming the URL (``user:password@`` removed) and the way out: unreachable, not ready (503)
+or credentials refused (401) -> ``BackendUnavailableError``; no such index (404) ->
+``IndexNotFoundError``; an existing vector field with another similarity or ``index_options`` ->
+``IndexSettingsMismatchError``; rejected documents -> :class:`BulkIndexError`.
 """
 
 from __future__ import annotations
@@ -837,20 +844,19 @@ class ElasticsearchIndex(VectorIndex):
 
     @classmethod
     def _load(cls, directory: Path, saved: dict[str, Any], *, client=None, config_file=None, **options):
-        config = saved
-        es_config = options.pop("config", None) or load_es_config(config_file, defaults={"url": config["url"]})
-        index_options = dict(config.get("index_options", {}))
+        es_config = options.pop("config", None) or load_es_config(config_file, defaults={"url": saved["url"]})
+        index_options = dict(saved.get("index_options", {}))
         return cls(
-            config["model"],
-            int(config["dim"]),
-            config.get("filter_columns") or None,
+            saved["model"],
+            int(saved["dim"]),
+            saved.get("filter_columns") or None,
             client=client,
             config=es_config,
-            index_name=options.pop("index_name", config["index_name"]),
+            index_name=options.pop("index_name", saved["index_name"]),
             index_type=index_options.get("type", "hnsw"),
             hnsw_m=index_options.get("m", 16),
             ef_construction=index_options.get("ef_construction", 100),
-            num_candidates=options.pop("num_candidates", config.get("num_candidates")),
+            num_candidates=options.pop("num_candidates", saved.get("num_candidates")),
             create=options.pop("create", False),
             **options,
         )
