@@ -733,7 +733,7 @@ def test_error_answers_become_the_projects_one_line_exceptions(status, kind, err
     index.client = _Answering(status, kind).client()
     with pytest.raises(error, match=message) as info:
         index.search(np.ones(4), 3)
-    assert "http://localhost:9200" in str(info.value) and "\n" not in str(info.value)
+    assert index.config.url in str(info.value) and "\n" not in str(info.value)
     assert isinstance(info.value, IndexBackendError)
 
 
