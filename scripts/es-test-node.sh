@@ -97,11 +97,17 @@ start() {
   fetch
   local as=() owner
   owner=$(id -un)
-  if [ "$(id -u)" = 0 ]; then
-    getent passwd "$RUN_AS" >/dev/null || useradd --system --no-create-home --shell /usr/sbin/nologin "$RUN_AS" ||
-      unavailable "cannot create the unprivileged user $RUN_AS (Elasticsearch refuses to run as root)"
-    as=(runuser -u "$RUN_AS" --)
-    owner=$RUN_AS
+  if [ "$(id -u)" = 0 ]; then  # Elasticsearch refuses root: a system user, else nobody (65534)
+    if { getent passwd "$RUN_AS" || useradd --system --no-create-home --shell /usr/sbin/nologin "$RUN_AS"; } >/dev/null 2>&1 &&
+       command -v runuser >/dev/null; then
+      as=(runuser -u "$RUN_AS" --)
+      owner=$RUN_AS
+    elif command -v setpriv >/dev/null; then
+      as=(setpriv --reuid=65534 --regid=65534 --clear-groups --)
+      owner=65534:65534
+    else
+      unavailable "running as root, and neither useradd + runuser nor setpriv can drop to an unprivileged user (Elasticsearch refuses root)"
+    fi
   fi
   rm -rf "$NODE"
   mkdir -p "$NODE"/{data,logs,run}
