@@ -54,3 +54,36 @@ def real(fashion_small_dir, tmp_path_factory):
     embedder = create_embedder("efficientnet-lite0", device="cpu")
     result = extract_image_embeddings(catalog, embedder, workdir, precision="fp32", num_workers=0, progress=False)
     return catalog, workdir, result.embeddings
+
+
+# ---------------------------------------------------------------------------------------- live Elasticsearch
+
+ES_NODE_SCRIPT = REPO / "scripts" / "es-test-node.sh"
+
+
+@pytest.fixture(scope="session")
+def es_url():
+    """The URL of a live Elasticsearch: VREC_ES_URL when set, else a node started (and stopped at
+    the end of the session) by scripts/es-test-node.sh. Without Java 21+ or the distribution the
+    live tests skip with one line; VREC_REQUIRE_ES=1 (CI) turns that skip into a failure."""
+    import subprocess
+
+    if os.environ.get("VREC_ES_URL", "").strip():
+        yield os.environ["VREC_ES_URL"].strip()
+        return
+    running = subprocess.run(["bash", str(ES_NODE_SCRIPT), "status"], capture_output=True, text=True)
+    started = running.returncode != 0
+    if started:
+        proc = subprocess.run(["bash", str(ES_NODE_SCRIPT), "start"], capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            reason = f"no live Elasticsearch: {lines[-1] if lines else f'{ES_NODE_SCRIPT.name} start exited {proc.returncode}'}"
+            if os.environ.get("VREC_REQUIRE_ES") == "1":
+                pytest.fail(f"{reason} (VREC_REQUIRE_ES=1 requires the live tests to run)", pytrace=False)
+            pytest.skip(reason)
+        url = proc.stdout.strip().splitlines()[-1]
+    else:
+        url = running.stdout.strip().splitlines()[-1]
+    yield url
+    if started:
+        subprocess.run(["bash", str(ES_NODE_SCRIPT), "stop"], capture_output=True, text=True, timeout=120)

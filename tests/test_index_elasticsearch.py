@@ -1,6 +1,7 @@
 """Elasticsearch backend.
 
-Three layers, none needing a server unless VREC_ES_URL is set:
+Three layers; only the ``es_live`` ones need a server (VREC_ES_URL, or the node that the ``es_url``
+fixture starts with scripts/es-test-node.sh; tests/test_index_elasticsearch_live.py has the rest):
 
 1. request bodies built by the pure functions, checked exactly (mapping, bulk actions, kNN);
 2. the real ``elasticsearch.Elasticsearch`` client wired to an in-process fake node
@@ -8,7 +9,7 @@ Three layers, none needing a server unless VREC_ES_URL is set:
    after the client serialised them, and the index logic (backfill, retries, failure report,
    deletes, score conversion) runs end to end;
 3. scenario tests (same as the FAISS ones: exact neighbours, filters, self-exclusion, persistence)
-   run against the fake and, when VREC_ES_URL is set, against a live server (``es_live``).
+   run against the fake and against a live server (``es_live``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vrec_utils.index import BackendUnavailableError, VectorIndex, build_index, create_index
+from vrec_utils.index import (
+    BackendUnavailableError,
+    IndexBackendError,
+    IndexNotFoundError,
+    IndexSettingsMismatchError,
+    VectorIndex,
+    build_index,
+    create_index,
+)
 from vrec_utils.index.elasticsearch import (
     MAX_KNN,
     BulkIndexError,
@@ -164,12 +173,16 @@ class FakeElasticsearch:
                 items.append({op: {**result, "status": status, "error": {"type": kind, "reason": "injected"}}})
                 errors = True
                 continue
-            if "script" in body:
+            if not body.get("doc_as_upsert"):  # a partial update: null removes a field
                 if doc_id not in index["docs"]:
                     items.append({op: {**result, "status": 404, "error": {"type": "document_missing_exception", "reason": "missing"}}})
                     errors = True
                     continue
-                index["docs"][doc_id].pop(body["script"]["params"]["field"], None)
+                for field, value in body["doc"].items():
+                    if value is None:
+                        index["docs"][doc_id].pop(field, None)
+                    else:
+                        index["docs"][doc_id][field] = value
             else:
                 problem = _check_doc(index["mappings"], body["doc"])
                 if problem:
@@ -317,10 +330,7 @@ def test_bulk_upsert_actions_are_exact_and_idempotent():
 
 def test_remove_vector_actions_only_drop_this_models_field():
     assert list(bulk_remove_vector_actions("vrec-items", "emb_m", ["7"])) == [
-        {
-            "_op_type": "update", "_index": "vrec-items", "_id": "7",
-            "script": {"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": "emb_m"}},
-        }
+        {"_op_type": "update", "_index": "vrec-items", "_id": "7", "doc": {"emb_m": None}}
     ]
 
 
@@ -557,7 +567,7 @@ def test_delete_removes_only_this_models_vector_and_refuses_unknown_ids(fake):
     (bulk,) = _calls(fake, suffix="_bulk")
     assert bulk[3] == [
         {"update": {"_index": "vrec-test", "_id": "a"}},
-        {"script": {"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": "emb_m"}}},
+        {"doc": {"emb_m": None}},
     ]
     assert len(index) == 1
     assert fake.indices["vrec-test"]["docs"]["a"] == {"item_id": "a", "articleType": "x"}
@@ -582,6 +592,7 @@ def test_build_index_backfills_only_missing_documents(fake, real, monkeypatch):
     fake.requests.clear()
     index = build_index(workdir, catalog, MODEL, backend="elasticsearch", filter_columns=["articleType", "gender"])
     assert not _calls(fake, suffix="_bulk")  # idempotent re-run: nothing to send
+    assert not _calls(fake, suffix="_search")  # and, the embeddings being those recorded, no per-id check
     assert len(index) == N_ITEMS
 
 
@@ -599,21 +610,19 @@ def test_server_down_during_search_is_reported_clearly(fake):
 # ======================================================================================= 3. scenarios (fake + live)
 
 
-def _live_config():
-    return load_es_config(defaults={"request_timeout": 60})
+def _live_config(url):
+    return load_es_config(url=url, request_timeout=60)
 
 
 @pytest.fixture(params=["fake", pytest.param("live", marks=pytest.mark.es_live)])
 def es_index_factory(request):
-    """Makes ElasticsearchIndex objects on a fresh index of the fake or, with VREC_ES_URL, a live server."""
+    """Makes ElasticsearchIndex objects on a fresh index of the fake or of a live server."""
     name = f"vrec-test-{uuid.uuid4().hex[:8]}"
     if request.param == "fake":
         server = FakeElasticsearch()
         kwargs = {"client": server.client()}
     else:
-        if not os.environ.get("VREC_ES_URL"):
-            pytest.skip("set VREC_ES_URL to run the live Elasticsearch tests")
-        kwargs = {"config": _live_config()}
+        kwargs = {"config": _live_config(request.getfixturevalue("es_url"))}
     made = []
 
     def make(model, dim, columns, **extra):
@@ -674,3 +683,84 @@ def test_scenario_persistence_reconnects_to_the_same_index(es_index_factory, rea
     assert isinstance(again, ElasticsearchIndex) and len(again) == 50
     q = np.asarray(embeddings.vectors[:3])
     np.testing.assert_array_equal(again.search(q, 5).ids, index.search(q, 5).ids)
+
+
+# ======================================================================================= 4. error answers (fake)
+
+
+class _Answering(FakeElasticsearch):
+    """A fake whose every request (or only ``GET /``) is answered with ``status``."""
+
+    def __init__(self, status: int, kind: str, only_root: bool = False) -> None:
+        super().__init__()
+        self.status, self.kind, self.only_root = status, kind, only_root
+
+    def handle(self, method, target, raw):
+        if self.only_root and urlsplit(target).path.strip("/"):
+            if urlsplit(target).path == "/_cluster/health":
+                self.requests.append((method, "/_cluster/health", {}, None))
+                return 200, {"status": "green"}
+            return super().handle(method, target, raw)
+        self.requests.append((method, urlsplit(target).path, {}, None))
+        return self.status, {"error": {"type": self.kind, "reason": f"injected {self.status}"}, "status": self.status}
+
+
+def test_credentials_in_the_url_become_basic_auth_and_never_appear_in_messages():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = load_es_config(environ={"VREC_ES_URL": f"http://elastic:s3cr%40t@127.0.0.1:{port}"})
+    assert config.url == f"http://127.0.0.1:{port}" and (config.username, config.password) == ("elastic", "s3cr@t")
+    assert "s3cr" not in repr(config)
+    with pytest.warns(UserWarning, match="plain http"), pytest.raises(BackendUnavailableError) as info:
+        connect(config)
+    assert f"http://127.0.0.1:{port}" in str(info.value) and "s3cr" not in str(info.value) and "elastic:" not in str(info.value)
+    with pytest.raises(ValueError, match="give them one way") as both:
+        load_es_config(environ={"VREC_ES_URL": "http://u:secret@h:9200", "VREC_ES_API_KEY": "k"})
+    assert "secret" not in str(both.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "error", "message"),
+    [
+        (401, "security_exception", BackendUnavailableError, r"refused the credentials \(401\)"),
+        (503, "cluster_block_exception", BackendUnavailableError, r"is not ready \(503: cluster_block_exception: injected 503\).*_cluster/health"),
+        (404, "index_not_found_exception", IndexNotFoundError, "has no index 'vrec-test'.*vrec index --backend elasticsearch"),
+    ],
+)
+def test_error_answers_become_the_projects_one_line_exceptions(status, kind, error, message):
+    index = _small_index(FakeElasticsearch())
+    index.client = _Answering(status, kind).client()
+    with pytest.raises(error, match=message) as info:
+        index.search(np.ones(4), 3)
+    assert index.config.url in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, IndexBackendError)
+
+
+def test_a_server_without_the_root_endpoint_is_checked_through_cluster_health():
+    server = _Answering(405, "method_not_allowed", only_root=True)
+    client = connect(ElasticsearchConfig(), node_class=server.node_class())
+    assert [r[:2] for r in server.requests] == [("GET", "/"), ("GET", "/_cluster/health")]
+    assert client is not None
+
+
+def test_reopening_a_saved_index_does_not_create_a_missing_one(fake, tmp_path):
+    index = _small_index(fake)
+    index.save(tmp_path / "es")
+    del fake.indices["vrec-test"]
+    with pytest.raises(IndexNotFoundError, match="has no index 'vrec-test'"):
+        VectorIndex.load(tmp_path / "es", client=fake.client())
+    assert "vrec-test" not in fake.indices
+
+
+def test_an_existing_field_with_other_index_options_is_refused(fake):
+    _small_index(fake)
+    with pytest.raises(IndexSettingsMismatchError, match=r"index_options.type 'hnsw' \(not 'flat'\)"):
+        _small_index(fake, index_type="flat")
+
+
+def test_hits_with_equal_scores_come_in_catalog_row_order(fake):
+    index = _small_index(fake)
+    ids = ["z", "a", "m"]  # rows 0, 1, 2; the same vector, so the same score
+    index.add(ids, np.tile(np.eye(4, dtype=np.float32)[:1], (3, 1)), pd.DataFrame({"articleType": ["x"] * 3}, index=ids))
+    assert index.search(np.eye(4)[0], 3).ids[0].tolist() == ["z", "a", "m"]  # not the server's id order

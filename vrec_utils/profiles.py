@@ -249,7 +249,7 @@ class RunContext:
     progress: bool = True
     #: local weights per model name (``vrec report --weights``); other models load as registered
     weights: dict[str, str] = field(default_factory=dict)
-    _indexes: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _indexes: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
     _embedders: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- naming --------------------------------------------------------------------------
@@ -347,8 +347,10 @@ class RunContext:
 
     # -- indexes and queries ------------------------------------------------------------------
     def index(self, model: str, backend: str = "faiss", **config: Any):
-        key = (model, backend)
-        if key not in self._indexes or config:
+        """``model``'s index on ``backend``, built once per settings and reused by every search
+        (an Elasticsearch index object is not reopened, nor its backfill checked, per query)."""
+        key = (model, backend, tuple(sorted((k, repr(v)) for k, v in config.items())))
+        if key not in self._indexes:
             from .index import build_index
 
             self._indexes[key] = build_index(self.workdir, self.catalog, model, backend=backend, **config)

@@ -543,7 +543,8 @@ def elasticsearch_skipped():
 
     return Markdown(
         "`VREC_ES_URL` is not set, so the Elasticsearch comparison was skipped. Start a server with "
-        "`docker compose up -d` and set `VREC_ES_URL` (e.g. `http://localhost:9200`) to run it."
+        "`docker compose up -d elasticsearch` (or a throwaway one with `bash scripts/es-test-node.sh start`, "
+        "which prints its URL) and set `VREC_ES_URL` (e.g. `http://localhost:9200`) to run it."
     )
 
 

@@ -21,6 +21,9 @@ from ..catalog import Catalog
 from ..store import Embeddings, catalog_dir, load_embeddings, slugify
 from .base import (
     BackendUnavailableError,
+    IndexBackendError,
+    IndexNotFoundError,
+    IndexSettingsMismatchError,
     SearchResult,
     VectorIndex,
     create_index,
@@ -114,6 +117,9 @@ def _fingerprint(embeddings: Embeddings, metadata: pd.DataFrame) -> str:
 
 __all__ = [
     "BackendUnavailableError",
+    "IndexBackendError",
+    "IndexNotFoundError",
+    "IndexSettingsMismatchError",
     "SearchResult",
     "VectorIndex",
     "build_index",

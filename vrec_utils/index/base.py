@@ -41,8 +41,23 @@ FORMAT_VERSION = 1
 Filter = Mapping[str, str]
 
 
-class BackendUnavailableError(ConnectionError):
-    """The backend's server or client library cannot be used; the message says how to fix it."""
+class IndexBackendError(Exception):
+    """A failure of an index backend that the user fixes (server, index, settings); the message is
+    one line that says what failed and the way out, and never holds credentials."""
+
+
+class BackendUnavailableError(IndexBackendError, ConnectionError):
+    """The backend's server or client library cannot be used (unreachable, not ready, credentials
+    refused); the message says how to fix it."""
+
+
+class IndexNotFoundError(IndexBackendError, LookupError):
+    """The index named (e.g. an Elasticsearch index) does not exist on the server."""
+
+
+class IndexSettingsMismatchError(IndexBackendError, ValueError):
+    """The index already exists with other settings than those asked for (e.g. another
+    ``index_options`` type); it is refused rather than silently used with the old settings."""
 
 
 # ---------------------------------------------------------------------------------------- results

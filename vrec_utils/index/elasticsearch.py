@@ -18,12 +18,20 @@ never from code::
     VREC_ES_INDEX          index name (default vrec-<catalog> from build_index, else vrec-items)
 
 Scores: Elasticsearch returns ``(1 + cosine) / 2`` for ``similarity: cosine``; results are
-converted back to cosine so they compare with FAISS.
+converted back to cosine so they compare with FAISS, and hits are ordered by the project's tie
+rule (score descending, then catalog row ascending).
+
+Failures users fix come out as :class:`~vrec_utils.index.base.IndexBackendError` subclasses with
+one line naming the URL (``user:password@`` removed) and the way out: unreachable, not ready (503)
+or credentials refused (401) -> ``BackendUnavailableError``; no such index (404) ->
+``IndexNotFoundError``; an existing vector field with another similarity or ``index_options`` ->
+``IndexSettingsMismatchError``; rejected documents -> :class:`BulkIndexError`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -33,12 +41,20 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
 
-from ..redact import redact_url
-from .base import BackendUnavailableError, VectorIndex, _check_ids, register_index
+from .base import (
+    BackendUnavailableError,
+    IndexBackendError,
+    IndexNotFoundError,
+    IndexSettingsMismatchError,
+    VectorIndex,
+    _check_ids,
+    register_index,
+)
 
 DEFAULT_URL = "http://localhost:9200"
 DEFAULT_INDEX = "vrec-items"
@@ -56,14 +72,15 @@ ENV_VARS = {
 }
 START_HINT = (
     "set VREC_ES_URL to your server's address, or start a local one with "
-    "`docker compose up -d elasticsearch` (docker-compose.yml at the repository root)"
+    "`docker compose up -d elasticsearch` (docker-compose.yml at the repository root) "
+    "or `bash scripts/es-test-node.sh start`"
 )
 _INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,254}$")
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_FIELDS = ("item_id",)
 
 
-class BulkIndexError(RuntimeError):
+class BulkIndexError(IndexBackendError, RuntimeError):
     """Some documents were not indexed; ``report`` lists them. Re-running indexes only those missing."""
 
     def __init__(self, report: "BulkReport", action: str = "index") -> None:
@@ -92,7 +109,18 @@ class ElasticsearchConfig:
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^\s/]+", self.url or ""):
-            raise ValueError(f"Elasticsearch URL must look like http(s)://host:9200, got {redact_url(self.url)!r} (VREC_ES_URL)")
+            raise ValueError(f"Elasticsearch URL must look like http(s)://host:9200, got {redact_url(self.url or '')!r} (VREC_ES_URL)")
+        parts = urlsplit(self.url)
+        if parts.username is not None or parts.password is not None:
+            # user:password@ in the URL becomes basic auth; the URL kept (and shown) has none
+            if self.username or self.password or self.api_key:
+                raise ValueError(
+                    f"credentials in VREC_ES_URL ({redact_url(self.url)}) and in VREC_ES_USER/VREC_ES_PASSWORD/"
+                    "VREC_ES_API_KEY: give them one way"
+                )
+            object.__setattr__(self, "username", unquote(parts.username or ""))
+            object.__setattr__(self, "password", unquote(parts.password or ""))
+            object.__setattr__(self, "url", redact_url(self.url))
         if self.api_key and (self.username or self.password):
             raise ValueError("set either an API key (VREC_ES_API_KEY) or basic auth (VREC_ES_USER/VREC_ES_PASSWORD), not both")
         if bool(self.username) != bool(self.password):
@@ -108,6 +136,15 @@ class ElasticsearchConfig:
     @property
     def auth(self) -> str:
         return "api_key" if self.api_key else "basic" if self.username else "none"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its ``user:password@`` part (for messages, logs and saved files)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def load_es_config(
@@ -228,26 +265,41 @@ def connect(config: ElasticsearchConfig | None = None, **client_options: Any):
             kwargs["ca_certs"] = str(Path(config.ca_certs).expanduser())
         if not config.verify_certs:
             kwargs["ssl_show_warn"] = False
-    elif config.auth != "none" or "@" in config.url.split("://", 1)[-1].split("/", 1)[0]:
-        warnings.warn(f"sending Elasticsearch credentials over plain http to {redact_url(config.url)}", stacklevel=2)
+    elif config.auth != "none":
+        warnings.warn(f"sending Elasticsearch credentials over plain http to {config.url}", stacklevel=2)
     kwargs.update(client_options)
     client = es.Elasticsearch(**kwargs)
-    info = _checked(
-        lambda: client.options(request_timeout=config.ping_timeout, max_retries=0).info(), config.url
-    )
+    quick = client.options(request_timeout=config.ping_timeout, max_retries=0)
+    pool_log = logging.getLogger("elastic_transport.node_pool")
+    level = pool_log.level
+    pool_log.setLevel(logging.ERROR)  # a 405 on `GET /` is no node failure worth a warning
+    try:
+        info = _checked(quick.info, config.url, root=True)
+    except _RootMissing:
+        # Servers without the rest-root module (Elastic's integration-test distribution) have no
+        # `GET /`: check the cluster instead; the product header was checked by the client.
+        _checked(quick.cluster.health, config.url)
+        return client
+    finally:
+        pool_log.setLevel(level)
     version = str(info.get("version", {}).get("number", "0"))
     major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
     if major < 8:
-        raise BackendUnavailableError(f"Elasticsearch at {redact_url(config.url)} is version {version}; vrec needs 8.x or 9.x")
+        raise BackendUnavailableError(f"Elasticsearch at {config.url} is version {version}; vrec needs 8.x or 9.x")
     return client
 
 
-def _checked(call, url: str):
-    """Run one client call, turning transport/auth failures into BackendUnavailableError."""
-    url = redact_url(url)
-    import elastic_transport
-    from elasticsearch import AuthenticationException, AuthorizationException, UnsupportedProductError
+class _RootMissing(Exception):
+    """``GET /`` answered 404/405: a server without the rest-root module."""
 
+
+def _checked(call, url: str, index: str | None = None, *, root: bool = False):
+    """Run one client call, turning transport, auth, readiness and missing-index failures into
+    the project's exceptions with one line naming ``url`` (never credentials) and the way out."""
+    import elastic_transport
+    from elasticsearch import ApiError, AuthenticationException, AuthorizationException, UnsupportedProductError
+
+    url = redact_url(url)
     try:
         return call()
     except elastic_transport.TlsError as exc:
@@ -271,6 +323,42 @@ def _checked(call, url: str):
         ) from None
     except UnsupportedProductError:
         raise BackendUnavailableError(f"the server at {url} is not Elasticsearch") from None
+    except ApiError as exc:
+        kind, reason = _error_parts(exc.body, _reason(exc))
+        _raise_api_error(exc.status_code, kind, reason, url, index, root=root)
+        raise
+
+
+def _error_parts(body: Any, default: str = "") -> tuple[str, str]:
+    """(type, one-line reason) of an Elasticsearch error body."""
+    error = body.get("error") if isinstance(body, Mapping) else body
+    if not isinstance(error, Mapping):
+        return "", str(error or default).splitlines()[0][:200] if (error or default) else ""
+    kind = str(error.get("type", ""))
+    reason = str(error.get("reason") or default)
+    text = f"{kind}: {reason}" if kind and kind not in reason else reason
+    return kind, text.splitlines()[0][:200] if text else kind
+
+
+def _raise_api_error(status: int, kind: str, reason: str, url: str, index: str | None, *, root: bool = False) -> None:
+    """Raise the project's exception for an Elasticsearch error answer (returns for the others)."""
+    if root and status in (404, 405, 410):
+        raise _RootMissing()
+    if status == 404 and kind in ("index_not_found_exception", ""):
+        raise IndexNotFoundError(
+            f"Elasticsearch at {url} has no index {index or '(unknown)'!r} ({reason}); check the index name "
+            "(VREC_ES_INDEX, --es-index) or build it: vrec index --backend elasticsearch ..."
+        )
+    if status == 503:
+        raise BackendUnavailableError(
+            f"Elasticsearch at {url} is not ready (503: {reason}); it may still be starting or the index's "
+            "shards are not assigned: wait until GET /_cluster/health is yellow or green, then retry"
+        )
+    if status == 401:
+        raise BackendUnavailableError(
+            f"Elasticsearch at {url} refused the credentials (401); set VREC_ES_API_KEY, or "
+            "VREC_ES_USER and VREC_ES_PASSWORD, or the api_key/username/password of your config file"
+        )
 
 
 def _reason(exc: BaseException) -> str:
@@ -332,6 +420,22 @@ def index_mapping(
     }
 
 
+def mapping_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """What the vector field mapping on the server (``existing``) has other than ``wanted``: the
+    similarity and each ``index_options`` setting vrec sets (defaults the server adds, such as
+    ``rescore_vector``, are not compared). Empty when they agree."""
+    out = []
+    if existing.get("similarity", "cosine") != wanted.get("similarity"):
+        out.append(f"similarity {existing.get('similarity')!r} (not {wanted.get('similarity')!r})")
+    if existing.get("element_type", "float") != wanted.get("element_type", "float"):
+        out.append(f"element_type {existing.get('element_type')!r} (not {wanted.get('element_type')!r})")
+    have = existing.get("index_options") or {}
+    for key, value in (wanted.get("index_options") or {}).items():
+        if have.get(key) != value:
+            out.append(f"index_options.{key} {have.get(key)!r} (not {value!r})")
+    return out
+
+
 def check_label_field(column: str) -> str:
     if not _FIELD_NAME.match(column) or column in RESERVED_FIELDS or column.startswith("emb_"):
         raise ValueError(
@@ -360,14 +464,11 @@ def bulk_upsert_actions(
 
 
 def bulk_remove_vector_actions(index_name: str, vector_field_name: str, ids: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Remove one model's vector from documents (other models' vectors and the labels stay)."""
+    """Remove one model's vector from documents (other models' vectors and the labels stay): a
+    partial update setting the field to null, which indexes no vector. No script, so it also works
+    where scripting is off or the painless module is absent (Elastic's integration-test build)."""
     for item_id in ids:
-        yield {
-            "_op_type": "update",
-            "_index": index_name,
-            "_id": str(item_id),
-            "script": {"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": vector_field_name}},
-        }
+        yield {"_op_type": "update", "_index": index_name, "_id": str(item_id), "doc": {vector_field_name: None}}
 
 
 def knn_query(
@@ -513,7 +614,10 @@ class ElasticsearchIndex(VectorIndex):
         bulk_backoff: float = 1.0,
         msearch_batch: int = 64,
         refresh: bool = True,
+        create: bool = True,
     ) -> None:
+        """``create=False`` opens an existing index only (:class:`IndexNotFoundError` if the server
+        has none of that name) instead of creating it."""
         super().__init__(model, dim, filter_columns)
         for column in self.filter_columns:
             check_label_field(column)
@@ -532,19 +636,24 @@ class ElasticsearchIndex(VectorIndex):
         self.refresh = refresh
         self.client = client if client is not None else connect(self.config)
         self.last_report: BulkReport | None = None
-        self._ensure_index()
+        #: item id -> catalog row (insertion order), for the tie rule of search results
+        self._rows: dict[str, int] = {}
+        self._fingerprint: str | None = None
+        self._ensure_index(create)
 
     # -- mapping ----------------------------------------------------------------------------------
     def _call(self, fn, *args, **kwargs):
-        return _checked(lambda: fn(*args, **kwargs), self.config.url)
+        return _checked(lambda: fn(*args, **kwargs), self.config.url, self.index_name)
 
-    def _ensure_index(self) -> None:
+    def _ensure_index(self, create: bool = True) -> None:
         """Create the index, or add this model's vector field / new label fields to it; refuse a
-        field of another dimension (or model)."""
+        field of another dimension, model, similarity or ``index_options``."""
         from elasticsearch import BadRequestError
 
         indices = self.client.indices
         if not self._call(indices.exists, index=self.index_name):
+            if not create:
+                _raise_api_error(404, "index_not_found_exception", f"no such index [{self.index_name}]", self.config.url, self.index_name)
             mapping = index_mapping({self.field: self.vector_mapping}, self.filter_columns, models={self.field: self.model})
             try:
                 self._call(indices.create, index=self.index_name, mappings=mapping)
@@ -570,6 +679,14 @@ class ElasticsearchIndex(VectorIndex):
                 )
             if models.get(self.field, self.model) != self.model:
                 raise ValueError(f"field {self.field!r} of {self.index_name!r} belongs to model {models[self.field]!r}")
+            differences = mapping_differences(existing, self.vector_mapping)
+            if differences:
+                raise IndexSettingsMismatchError(
+                    f"index {self.index_name!r} already holds {self.model!r} vectors in {self.field!r} with "
+                    f"{'; '.join(differences)}; Elasticsearch cannot change them in place: ask for the existing "
+                    "settings (e.g. --es-index-type), use another index name (VREC_ES_INDEX, --es-index) "
+                    "or delete the index to rebuild it"
+                )
         new_properties: dict[str, Any] = {}
         if self.field not in properties:
             new_properties[self.field] = self.vector_mapping
@@ -588,8 +705,18 @@ class ElasticsearchIndex(VectorIndex):
                 indices.put_mapping,
                 index=self.index_name,
                 properties=new_properties,
-                meta={"vrec": {"models": models, "label_columns": labels}},
+                meta={"vrec": {**meta, "models": models, "label_columns": labels}},
             )
+        self._fingerprint = (meta.get("fingerprints") or {}).get(self.field)
+
+    def _record_fingerprint(self, key: str) -> None:
+        """Remember in the mapping's ``_meta`` which embeddings this field was last fully indexed
+        from, so that the next :func:`build_index` of the same embeddings skips the per-id check."""
+        current = self._call(self.client.indices.get_mapping, index=self.index_name)
+        meta = dict(next(iter(current.body.values()))["mappings"].get("_meta", {}).get("vrec", {}))
+        meta["fingerprints"] = {**(meta.get("fingerprints") or {}), self.field: key}
+        self._call(self.client.indices.put_mapping, index=self.index_name, meta={"vrec": meta})
+        self._fingerprint = key
 
     # -- hooks: add / delete / count --------------------------------------------------------------
     def index_documents(self, ids, vectors: np.ndarray, metadata: pd.DataFrame | None = None) -> BulkReport:
@@ -601,6 +728,8 @@ class ElasticsearchIndex(VectorIndex):
 
     def _add(self, ids, vectors, metadata) -> None:
         report = self._bulk_upsert(ids, vectors, metadata)
+        for item_id in ids.tolist():
+            self._rows.setdefault(item_id, len(self._rows))
         if report.failed:
             raise BulkIndexError(report)
 
@@ -688,19 +817,25 @@ class ElasticsearchIndex(VectorIndex):
             response = self._call(self.client.msearch, searches=searches)
             for row, answer in zip(rows, response["responses"]):
                 if "error" in answer:
-                    error = answer["error"]
-                    reason = error.get("reason") if isinstance(error, Mapping) else error
+                    kind, reason = _error_parts(answer)
+                    _raise_api_error(int(answer.get("status", 0) or 0), kind, reason, self.config.url, self.index_name)
                     raise ValueError(f"Elasticsearch rejected the kNN query for query {row}: {reason}")
-                hits = answer["hits"]["hits"][:k]
+                hits = self._tie_sorted(answer["hits"]["hits"][:k])
                 ids[row, : len(hits)] = [hit["_id"] for hit in hits]
                 scores[row, : len(hits)] = [2.0 * float(hit["_score"]) - 1.0 for hit in hits]
         return ids.astype(str), scores
+
+    def _tie_sorted(self, hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The project's order: score descending, then catalog row ascending (items without a known
+        row, e.g. in an index reopened from disk, after those with one, by id)."""
+        unknown = len(self._rows)
+        return sorted(hits, key=lambda h: (-float(h["_score"]), self._rows.get(h["_id"], unknown), h["_id"]))
 
     # -- persistence -------------------------------------------------------------------------------
     def _save(self, directory: Path) -> dict[str, Any]:
         # The data lives on the server; the folder records where (never the credentials).
         return {
-            "url": redact_url(self.config.url),
+            "url": self.config.url,
             "index_name": self.index_name,
             "field": self.field,
             "index_options": self.vector_mapping["index_options"],
@@ -708,26 +843,27 @@ class ElasticsearchIndex(VectorIndex):
         }
 
     @classmethod
-    def _load(cls, directory: Path, config: dict[str, Any], *, client=None, config_file=None, **options):
-        es_config = options.pop("config", None) or load_es_config(config_file, defaults={"url": config["url"]})
-        index_options = dict(config.get("index_options", {}))
+    def _load(cls, directory: Path, saved: dict[str, Any], *, client=None, config_file=None, **options):
+        es_config = options.pop("config", None) or load_es_config(config_file, defaults={"url": saved["url"]})
+        index_options = dict(saved.get("index_options", {}))
         return cls(
-            config["model"],
-            int(config["dim"]),
-            config.get("filter_columns") or None,
+            saved["model"],
+            int(saved["dim"]),
+            saved.get("filter_columns") or None,
             client=client,
             config=es_config,
-            index_name=options.pop("index_name", config["index_name"]),
+            index_name=options.pop("index_name", saved["index_name"]),
             index_type=index_options.get("type", "hnsw"),
             hnsw_m=index_options.get("m", 16),
             ef_construction=index_options.get("ef_construction", 100),
-            num_candidates=options.pop("num_candidates", config.get("num_candidates")),
+            num_candidates=options.pop("num_candidates", saved.get("num_candidates")),
+            create=options.pop("create", False),
             **options,
         )
 
     def _describe(self) -> dict[str, Any]:
         return {
-            "url": redact_url(self.config.url),
+            "url": self.config.url,
             "index_name": self.index_name,
             "field": self.field,
             "index_options": self.vector_mapping["index_options"],
@@ -744,6 +880,13 @@ class ElasticsearchIndex(VectorIndex):
             config["index_name"] = es_config.index or default_index_name(catalog.name if catalog is not None else None)
         index = cls(embeddings.model, embeddings.dim, filter_columns=list(metadata.columns), **config)
         ids = np.asarray(embeddings.ids, dtype=str)
+        index._rows = {item_id: row for row, item_id in enumerate(ids.tolist())}
+        if not rebuild and index._fingerprint == key and len(index) == len(ids):
+            # the same embeddings and labels were fully indexed before: one count, no per-id check
+            report = BulkReport(0, (), n_skipped=len(ids))
+            index.last_report = report
+            index.info = {"fingerprint": key, "index_name": index.index_name, "backfill": report.summary()}
+            return index
         have = set() if rebuild else index.ids_with_vector(ids)
         todo = np.flatnonzero(~np.isin(ids, list(have))) if have else np.arange(len(ids))
         report = BulkReport()
@@ -754,6 +897,7 @@ class ElasticsearchIndex(VectorIndex):
         index.info = {"fingerprint": key, "index_name": index.index_name, "backfill": report.summary()}
         if report.failed:
             raise BulkIndexError(report, action=f"indexing {embeddings.model} into {index.index_name}")
+        index._record_fingerprint(key)
         return index
 
 
