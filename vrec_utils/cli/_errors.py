@@ -125,14 +125,15 @@ def _plain(exc: BaseException, args: argparse.Namespace | None) -> str:
 
 
 def _vrec_types() -> tuple[type[BaseException], ...]:
-    from ..index import BackendUnavailableError
+    from ..index import IndexBackendError
     from ..index.elasticsearch import BulkIndexError
     from ..models.base import UntrustedFileError
 
-    return (*error_types(), BackendUnavailableError, BulkIndexError, UntrustedFileError)
+    # IndexBackendError: server unavailable (also an OSError), index not found, other settings
+    return (*error_types(), IndexBackendError, BulkIndexError, UntrustedFileError)
 
 
-# Order matters: vrec's own errors first (BackendUnavailableError is an OSError; UntrustedFileError a
+# Order matters: vrec's own errors first (BackendUnavailableError, an IndexBackendError, is an OSError; UntrustedFileError a
 # ValueError), then files and the server, then refusals that were not wrapped.
 _DESCRIBERS = (
     (_vrec_types, lambda exc, args: _os_error(exc, args) if isinstance(exc, OSError) else _plain(exc, args)),
