@@ -21,7 +21,6 @@ It prints each time, the ratio of each to the baseline, and the CPU model.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _machine import cpu_line  # noqa: E402
 from vrec_utils import store  # noqa: E402
 from vrec_utils.catalog import load_catalog  # noqa: E402
 from vrec_utils.extract import extract_image_embeddings  # noqa: E402
@@ -61,14 +61,6 @@ class CachedOnly(Embedder):
         raise AssertionError("a warm rerun embedded an image")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn, repeats: int) -> float:
@@ -124,7 +116,7 @@ def main() -> None:
     assert result.n_new == 0, result.summary()
     base = results["baseline: np.load(vectors)"]
     size_mb = vectors_file.stat().st_size / 1e6
-    print(f"CPU: {cpu_model()}; {len(catalog)} items, {size_mb:.1f} MB of vectors; median of {args.repeats} runs")
+    print(f"CPU: {cpu_line()}; {len(catalog)} items, {size_mb:.1f} MB of vectors; median of {args.repeats} runs")
     for name, seconds in results.items():
         print(f"  {name:<28} {seconds * 1000:8.1f} ms  {seconds / base:6.2f}x baseline")
     print(f"warm rerun summary: {result.summary()}")

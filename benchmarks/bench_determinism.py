@@ -16,7 +16,6 @@ Also printed: what the tie rule costs, the exact search with it against the kern
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,28 +26,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _machine import cpu_line  # noqa: E402
 from vrec_utils.index import create_index  # noqa: E402
 from vrec_utils.index.exact import cpu_has_fast_bf16, exact_knn  # noqa: E402
 from vrec_utils.index.faiss_index import omp_threads  # noqa: E402
 
 MODEL = "efficientnet-lite0"
-
-
-def cpu_line() -> str:
-    flags = set()
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                if name:
-                    break
-    except OSError:
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{name or 'unknown CPU'}; flags: {' '.join(shown) or 'none of avx2/avx512/amx'}; AMX-BF16 used: {cpu_has_fast_bf16()}"
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -72,7 +55,7 @@ def main(argv=None) -> int:
     from vrec_utils.extract import extract_image_embeddings
     from vrec_utils.models import create_embedder
 
-    print(cpu_line())
+    print(f"machine: {cpu_line()}; AMX-BF16 used by 'auto': {cpu_has_fast_bf16()}")
     catalog = load_catalog(args.catalog)
     result = extract_image_embeddings(catalog, create_embedder(MODEL, device="cpu"), args.workdir, progress=True)
     print(f"embeddings: {result.summary()}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _machine import cpu_line  # noqa: E402
 from vrec_utils.index import create_index  # noqa: E402
 from vrec_utils.index.elasticsearch import ElasticsearchIndex, connect, default_num_candidates, load_es_config  # noqa: E402
 
@@ -38,14 +38,6 @@ MODEL = "efficientnet-lite0"
 SCRIPT = REPO / "scripts" / "es-test-node.sh"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def start_node() -> tuple[str, bool]:
@@ -112,7 +104,7 @@ def main(argv=None) -> int:
     k = args.k
     candidates = [int(c) for c in args.num_candidates.split(",")]
 
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs")
+    print(f"machine: {cpu_line()}")
     url, started = start_node()
     config = load_es_config(url=url, request_timeout=120)
     client = connect(config)

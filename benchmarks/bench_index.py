@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _machine import cpu_line  # noqa: E402
 from vrec_utils.index import create_index  # noqa: E402
 from vrec_utils.index.exact import cpu_has_fast_bf16, use_bf16  # noqa: E402
 from vrec_utils.index.faiss_index import default_threads  # noqa: E402
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
     ivf = {k: v for k, v in {"nlist": args.nlist, "nprobe": args.nprobe}.items() if v}
     import faiss
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, faiss {faiss.__version__} "
+    print(f"machine: {cpu_line()}, faiss {faiss.__version__} "
           f"({default_threads()} threads), numpy {np.__version__}, AMX-BF16: {'yes' if cpu_has_fast_bf16() else 'no'}")
     vectors, ids, metadata = load_real(args.catalog, args.workdir)
     real_data(vectors, ids, metadata, args.k, hnsw, ivf)

@@ -300,7 +300,7 @@ def test_untrusted_local_model_is_refused_in_one_line(catalog_dir, tmp_path, cap
         ("refused", "cannot reach Elasticsearch"),
         ("dns", "cannot reach Elasticsearch"),
         ("401", "refused the credentials (401)"),
-        ("503", "answered HTTP 503: the server is not ready"),
+        ("503", "is not ready (503"),
         ("404", "answered HTTP 404: not found: VREC_ES_URL must be the server's root address"),
     ],
 )
@@ -328,7 +328,8 @@ def test_no_secret_in_any_output(command, scenario, extracted, catalog_dir, samp
     assert code == 2 and "Traceback" not in everything, everything
     assert SECRET not in everything
     assert f"vrec {command}: error: " in err and "Elasticsearch at" in err.splitlines()[-1]  # failed at the server
-    assert "credentials over plain http to http://***@" in err  # the warning names the server, not the secret
+    warning = next(line for line in err.splitlines() if "credentials over plain http to http://" in line)
+    assert "@" not in warning  # the warning names the server, not the credentials
 
     api_key = f"key-{SECRET}"
     code, out, err = _run(argv, capfd, monkeypatch, {"VREC_ES_URL": _es_url(scenario, es_stub), "VREC_ES_API_KEY": api_key})
@@ -350,7 +351,7 @@ def test_secret_stays_out_of_a_real_process_output_even_with_debug(extracted, ca
     debug = _run_subprocess(["--debug", *argv], env)
     assert debug.returncode == 2 and SECRET not in debug.stdout + debug.stderr
     assert "Traceback (most recent call last)" in debug.stderr
-    assert debug.stderr.strip().splitlines()[-1].startswith("vrec index: error: cannot reach Elasticsearch at http://***@127.0.0.1")
+    assert debug.stderr.strip().splitlines()[-1].startswith("vrec index: error: cannot reach Elasticsearch at http://127.0.0.1")
 
 
 # ======================================================================================= --debug and bugs
@@ -434,10 +435,10 @@ def test_elasticsearch_messages_warnings_and_saved_settings_carry_no_credentials
 
     for scenario in ("refused", "401"):
         config = ElasticsearchConfig(url=_es_url(scenario, es_stub, credentials=f"elastic:{SECRET}"))
-        with pytest.warns(UserWarning, match=r"plain http to http://\*\*\*@127\.0\.0\.1") as warned:
+        with pytest.warns(UserWarning, match=r"plain http to http://127\.0\.0\.1") as warned:
             with pytest.raises(BackendUnavailableError) as raised:
                 connect(config)
-        assert SECRET not in str(raised.value) and "http://***@127.0.0.1" in str(raised.value)
+        assert SECRET not in str(raised.value) and "http://127.0.0.1" in str(raised.value)
         assert all(SECRET not in str(w.message) for w in warned)
     with pytest.raises(ValueError) as raised:
         ElasticsearchConfig(url=f"elastic:{SECRET}@host:9200")  # no scheme: refused, still not echoed

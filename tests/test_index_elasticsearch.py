@@ -15,7 +15,6 @@ fixture starts with scripts/es-test-node.sh; tests/test_index_elasticsearch_live
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 import uuid

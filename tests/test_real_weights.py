@@ -233,3 +233,11 @@ def test_openclip_models_search_by_text_from_the_hub_cache(sample_dir, forty_ite
         embedder = create_embedder(model, device="cpu")
         assert re.search(r"mean=[\[(]0\.5, 0\.5, 0\.5", embedder.preprocess_id()), model  # SigLIP's, not CLIP's
         assert type(embedder._tokenizer.get().tokenizer).__name__ == "SiglipTokenizer", model
+
+
+def test_a_model_naming_an_unknown_architecture(forty_items, tmp_path, capsys):
+    """An open_clip name whose architecture open_clip does not have: one line that says where to look."""
+    argv = ["extract", "--catalog", str(forty_items), "--model", "openclip:ViT-Z-99-SigLIP:webli", "--workdir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown open_clip architecture 'ViT-Z-99-SigLIP'" in err and "list_models" in err

@@ -362,7 +362,7 @@ def _title_markdown(parts, info: Mapping[str, Any]) -> str:
     lines += [f"> **Note:** {note}" + "\n" for note in notes]
     lines += [
         f"- **Profile:** `{info.get('profile')}`: {get_profile(str(info.get('profile'))).description}",
-        f"- **Models:** " + ", ".join(f"`{display_name(m)}`" for m in info.get("models", [])),
+        "- **Models:** " + ", ".join(f"`{display_name(m)}`" for m in info.get("models", [])),
         *(f"- **Weights of `{display_name(m)}`:** {w}" for m, w in (info.get("weights") or {}).items()),
         f"- **Catalog:** {info.get('catalog')}",
         f"- **Generated:** {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `vrec report`; figures are also saved as PNG in `figures/` next to this file.",

@@ -46,6 +46,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import numpy as np
 import pandas as pd
 
+from ..redact import redact_url
 from .base import (
     BackendUnavailableError,
     IndexBackendError,
@@ -120,7 +121,7 @@ class ElasticsearchConfig:
                 )
             object.__setattr__(self, "username", unquote(parts.username or ""))
             object.__setattr__(self, "password", unquote(parts.password or ""))
-            object.__setattr__(self, "url", redact_url(self.url))
+            object.__setattr__(self, "url", without_credentials(self.url))
         if self.api_key and (self.username or self.password):
             raise ValueError("set either an API key (VREC_ES_API_KEY) or basic auth (VREC_ES_USER/VREC_ES_PASSWORD), not both")
         if bool(self.username) != bool(self.password):
@@ -138,8 +139,10 @@ class ElasticsearchConfig:
         return "api_key" if self.api_key else "basic" if self.username else "none"
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its ``user:password@`` part (for messages, logs and saved files)."""
+def without_credentials(url: str) -> str:
+    """``url`` without its ``user:password@`` part: the address the client connects to once the
+    credentials have moved into ``username``/``password`` (messages use :func:`redact_url`, which
+    also masks malformed URLs)."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
