@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import sys
@@ -309,6 +310,15 @@ def run_report(
 # ------------------------------------------------------------------------------- HTML
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def write_html(executed: Sequence[Path], html: Path, title_info: Mapping[str, Any]) -> Path:
     """Concatenate executed notebooks into one notebook (title, notes, table of contents, then
     every notebook's cells minus the parameter cells) and export it with nbconvert."""
@@ -333,7 +343,14 @@ def write_html(executed: Sequence[Path], html: Path, title_info: Mapping[str, An
     exporter = HTMLExporter(template_name="lab")
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
-    body, _resources = exporter.from_notebook_node(combined, resources={"metadata": {"name": "vrec report"}})
+    # the lab template has no alt text for figures (each is described by the Markdown around it):
+    # nbconvert's warning about it, once per report, says nothing a user can act on
+    no_alt_warning = _DropMessage("Alternative text is missing")
+    exporter.log.addFilter(no_alt_warning)
+    try:
+        body, _resources = exporter.from_notebook_node(combined, resources={"metadata": {"name": "vrec report"}})
+    finally:
+        exporter.log.removeFilter(no_alt_warning)
     html.parent.mkdir(parents=True, exist_ok=True)
     html.write_text(body, encoding="utf-8")
     return html
