@@ -68,6 +68,7 @@ def test_recommend_same_category_keeps_the_query_items_category(real, index):
     counts = catalog.items["articleType"].value_counts()
     items = [catalog.items.index[catalog.items["articleType"] == t][0] for t in counts.index[:3]]
     frame = recommend(catalog, workdir, MODEL, items, k=5, same_category="articleType", index=index)
+    assert sorted(frame["query_id"].unique()) == sorted(items)  # every query answered: no empty pass
     for item, group in frame.groupby("query_id"):
         assert (group["articleType"] == catalog.items.at[item, "articleType"]).all()
         assert len(group) == 5 and item not in group["item_id"].tolist()
@@ -193,12 +194,26 @@ def test_cli_index_with_hnsw_settings(real, cli_catalog, capsys):
     assert (summary["ann"], summary["ef_search"]) == ("hnsw", 64)
 
 
-def test_cli_index_exact_method_is_a_search_setting_of_the_saved_index(real, cli_catalog, capsys):
-    _, workdir, _ = real
+def test_cli_index_exact_method_is_a_search_setting_of_the_saved_index(real, cli_catalog, capsys, monkeypatch):
+    """--exact-method is reported by `index` and really chooses the path of `recommend`'s search."""
+    from vrec_utils.index import exact
+
+    _, workdir, embeddings = real
+    bf16_calls = []
+    real_bf16 = exact.bf16_rescored_knn
+    monkeypatch.setattr(exact, "bf16_rescored_knn", lambda *a, **kw: bf16_calls.append(1) or real_bf16(*a, **kw))
+    answers = {}
     for method in ("fp32", "bf16-rescored"):  # the same saved index, reloaded with each
         code, out, err = _cli(capsys, "index", "--catalog", cli_catalog, "--workdir", workdir, "--model", MODEL, "--allow-partial", "--exact-method", method, "--json")
         assert code == 0, err
         assert json.loads(out)["exact_method"] == method
+        bf16_calls.clear()
+        code, out, err = _cli(capsys, "recommend", "--catalog", cli_catalog, "--workdir", workdir, "--model", MODEL, "--allow-partial",
+                              "--exact-method", method, "--item", str(embeddings.ids[0]), "-k", 5, "--json")  # fmt: skip
+        assert code == 0, err
+        assert bool(bf16_calls) == (method == "bf16-rescored"), method
+        answers[method] = [r["item_id"] for r in json.loads(out)]
+    assert answers["fp32"] == answers["bf16-rescored"]  # the same answer either way (the tie rule)
 
 
 def test_cli_search_by_image_json(real, cli_catalog, capsys):
