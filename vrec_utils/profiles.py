@@ -30,6 +30,7 @@ import pandas as pd
 
 from .catalog import Catalog, CatalogError, Split, hash_unit_interval, load_catalog, split_catalog
 from .models.base import ModelUnavailableError
+from .store import DEFAULT_WORKDIR
 
 #: Placeholder in a profile's model list: the mini-SigLIP fine-tuned on the catalog.
 FINETUNED_MINI_SIGLIP = "finetuned:mini-siglip"
@@ -102,7 +103,7 @@ class ResolvedProfile:
 def resolve_profile(
     name: str,
     catalog: Catalog,
-    workdir: str | os.PathLike = "work",
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
     *,
     fallback: bool = True,
     device: str | None = "auto",
@@ -545,7 +546,7 @@ def _extract_row(model, dim, n, new, cached, skipped, load_seconds, seconds, cac
 def prepare(
     catalog: str | os.PathLike | Catalog | None = None,
     profile: str = "offline",
-    workdir: str | os.PathLike = "work",
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
     *,
     models: Sequence[str] | None = None,
     notes: Sequence[str] = (),

@@ -41,6 +41,7 @@ from typing import Any
 import pandas as pd
 
 from .data import REPO_ROOT
+from .store import DEFAULT_WORKDIR
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w.-]+\.ipynb$")
@@ -205,7 +206,7 @@ def run_report(
     profile: str = "offline",
     catalog: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
-    workdir: str | os.PathLike = "work",
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
     *,
     notebooks: Sequence[str] | None = None,
     notebooks_dir: str | os.PathLike | None = None,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..catalog import load_catalog, split_catalog
 from ..data import fetch_fashion, make_sample
+from ..store import DEFAULT_WORKDIR
 from ._common import directory_path, positive_int, print_json
 
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     split = verbs.add_parser("split", help="write the deterministic train/eval split of a catalog")
     split.add_argument("--catalog", type=Path, required=True)
-    split.add_argument("--workdir", type=directory_path, default=Path("work"))
+    split.add_argument("--workdir", type=directory_path, default=DEFAULT_WORKDIR)
     split.add_argument("--eval-fraction", type=float, default=0.25)
     split.add_argument("--seed", type=int, default=0)
     split.set_defaults(handler=_split)

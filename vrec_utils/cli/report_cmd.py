@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..profiles import PROFILES, parse_weights_option
+from ..store import DEFAULT_WORKDIR
 from ._common import UserError, directory_path, positive_int, split_list
 
 
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", choices=list(PROFILES), default="offline",
                    help="which models to compare: offline (no download), article (ResNet50 vs SigLIP-base), smoke (tiny test models)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog folder or CSV (default: the bundled sample, data/sample)")
-    p.add_argument("--workdir", type=directory_path, default=Path("work"), help="cache and fine-tuned models (default: ./work)")
+    p.add_argument("--workdir", type=directory_path, default=DEFAULT_WORKDIR, help="cache and fine-tuned models (default: ./work)")
     p.add_argument("--out", type=directory_path, default=None, help="report folder (default: reports/<profile>)")
     p.add_argument("--notebooks", type=split_list, default=None, metavar="00,03",
                    help="only these notebooks, by number or name (default: all)")
