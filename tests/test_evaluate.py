@@ -187,6 +187,21 @@ def test_backends_agree(catalog, workdir, result):
     for row, per_metric in result.values.items():
         for metric, values in per_metric.items():  # every query, near-ties included: one tie rule
             np.testing.assert_array_equal(via_index.values[row][metric], values, err_msg=f"{row} {metric}")
+    # exact ties between items of different classes (items given the vector of an item of another
+    # class): which of two tied items is listed first changes the metrics, so the backends agree
+    # only if both apply the tie rule (equal scores by lower row)
+    emb = load_embeddings(workdir, catalog, "fake-cnn")
+    labels = catalog.items["articleType"].reindex(emb.ids).to_numpy()
+    vectors = np.array(emb.vectors)
+    takers = [i for i in range(1, 200, 2) if labels[i] != labels[i - 1]]
+    vectors[takers] = vectors[np.asarray(takers) - 1]
+    tied = {"tied": Embeddings(emb.ids, vectors, emb.manifest)}
+    found = leave_one_out_knn(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), np.arange(len(vectors)), 10)
+    assert np.isin(found, takers).any(axis=1).sum() > 20  # many lists hold a tied pair
+    by_matrix = evaluate_embeddings(catalog, tied, **FAST)
+    by_index = evaluate_embeddings(catalog, tied, backend="faiss", **FAST)
+    for metric, values in by_matrix.values[("tied", "unfiltered")].items():
+        np.testing.assert_array_equal(by_index.values[("tied", "unfiltered")][metric], values, err_msg=f"tied {metric}")
     hnsw = evaluate_models(catalog, workdir, ["fake-cnn"], backend="faiss", index_options={"ann": "hnsw"}, **FAST)
     assert hnsw.config["index_options"] == {"ann": "hnsw"}
     with pytest.raises(KeyError, match="available"):
