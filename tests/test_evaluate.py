@@ -7,6 +7,7 @@ same vector, as a real model would give them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -18,9 +19,11 @@ from sklearn.metrics import ndcg_score
 
 from vrec_utils.catalog import CatalogError, Split, load_catalog
 from vrec_utils.evaluation import (
+    EvalConfig,
     bootstrap_ci,
     duplicate_keys,
     evaluate_embeddings,
+    evaluate,
     evaluate_models,
     label_relevance,
     paired_permutation_pvalue,
@@ -206,6 +209,22 @@ def test_backends_agree(catalog, workdir, result):
     assert hnsw.config["index_options"] == {"ann": "hnsw"}
     with pytest.raises(KeyError, match="available"):
         evaluate_models(catalog, workdir, ["fake-cnn"], backend="annoy")
+
+
+def test_evaluate_takes_a_frozen_config(catalog, workdir, result):
+    config = EvalConfig(ks=[10, 5, 5], filter_column="articleType", **FAST)
+    assert config.ks == (5, 10) and config.label == "articleType" and config.depth == 10
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+    with pytest.raises(TypeError):
+        config.index_options["ann"] = "hnsw"  # read-only
+    embeddings = {name: load_embeddings(workdir, catalog, name) for name in ("fake-cnn", "fake-vlm")}
+    direct = evaluate(catalog, embeddings, config)
+    assert direct.to_json() == result.to_json()  # the keyword wrappers build the same config
+    with pytest.raises(ValueError, match="ci_method"):
+        EvalConfig(ci_method="normal")
+    with pytest.raises(ValueError, match="index_options"):
+        EvalConfig(index_options={"ann": "hnsw"})  # the matrix backend has none
 
 
 def test_same_inputs_and_seed_give_identical_numbers(catalog, workdir, result):
