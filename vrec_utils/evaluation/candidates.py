@@ -84,7 +84,7 @@ def pca_vectors(train: np.ndarray, vectors: np.ndarray, dims: list[int], seed: i
     """Project ``vectors`` onto the first d principal components of ``train`` (fitted once with
     the largest d: exact solvers give nested components), then re-normalise."""
     from sklearn.decomposition import (
-        PCA,  # deferred: heavy to import (~1 s), only PCA rows need it
+        PCA,  # deferred: heavy to import (0.8 s), only PCA rows need it
     )
 
     top = max(dims)
