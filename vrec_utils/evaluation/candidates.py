@@ -83,9 +83,7 @@ def unit_rows(x: np.ndarray, name: str, ids: np.ndarray) -> np.ndarray:
 def pca_vectors(train: np.ndarray, vectors: np.ndarray, dims: list[int], seed: int, ids: np.ndarray) -> dict[int, np.ndarray]:
     """Project ``vectors`` onto the first d principal components of ``train`` (fitted once with
     the largest d: exact solvers give nested components), then re-normalise."""
-    from sklearn.decomposition import (
-        PCA,  # deferred: heavy to import (0.8 s), only PCA rows need it
-    )
+    from sklearn.decomposition import PCA  # deferred: heavy to import (0.8 s), only PCA rows need it
 
     top = max(dims)
     solver = "covariance_eigh" if len(train) >= train.shape[1] else "full"
