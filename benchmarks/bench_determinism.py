@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from vrec_utils.catalog import load_catalog
-    from vrec_utils.evaluate import evaluate_models
+    from vrec_utils.evaluation import evaluate_models
     from vrec_utils.extract import extract_image_embeddings
     from vrec_utils.models import create_embedder
 

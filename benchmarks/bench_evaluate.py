@@ -32,7 +32,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vrec_utils.catalog import load_catalog  # noqa: E402
-from vrec_utils.evaluate import DEFAULT_LABEL, evaluate_models, label_relevance, unit_rows  # noqa: E402
+from vrec_utils.evaluation import DEFAULT_LABEL, evaluate_models, label_relevance, unit_rows  # noqa: E402
 from vrec_utils.metrics import compute_metrics, default_metrics  # noqa: E402
 from vrec_utils.store import EmbeddingCache, EmbeddingsNotFoundError, load_embeddings  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""evaluate.py and `vrec evaluate` on ~300 real fashion-small items with fake cached models.
+"""vrec_utils.evaluation and `vrec evaluate` on ~300 real fashion-small items with fake cached models.
 
 The fake models are class centroid + noise vectors written into a tmp workdir with
 EmbeddingCache, so load_embeddings finds them like real ones. Copies of the same image get the
@@ -7,6 +7,7 @@ same vector, as a real model would give them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -17,15 +18,17 @@ import scipy.stats
 from sklearn.metrics import ndcg_score
 
 from vrec_utils.catalog import CatalogError, Split, load_catalog
-from vrec_utils.evaluate import (
+from vrec_utils.evaluation import (
+    EvalConfig,
     bootstrap_ci,
     duplicate_keys,
+    evaluate,
     evaluate_embeddings,
     evaluate_models,
     label_relevance,
     paired_permutation_pvalue,
-    search_matrix,
 )
+from vrec_utils.index.exact import leave_one_out_knn
 from vrec_utils.store import EmbeddingCache, Embeddings, EmbeddingsNotFoundError, load_embeddings
 
 FAST = {"n_bootstrap": 200, "n_permutations": 500}
@@ -145,10 +148,10 @@ def test_label_relevance_hierarchy_and_empty_labels():
 def test_query_is_never_its_own_candidate(catalog, workdir):
     vectors = load_embeddings(workdir, catalog, "fake-cnn").vectors_for(catalog.ids)
     queries = np.arange(len(vectors))
-    found = search_matrix(vectors, queries, 10)
+    found = leave_one_out_knn(vectors, queries, 10)
     assert not (found == queries[:, None]).any()
     groups = pd.factorize(catalog.items["articleType"])[0]
-    found = search_matrix(vectors, queries, 10, groups)
+    found = leave_one_out_knn(vectors, queries, 10, groups)
     assert not (found == queries[:, None]).any()
     valid = found >= 0
     assert (groups[np.where(valid, found, 0)] == groups[:, None])[valid].all()  # filter respected
@@ -168,12 +171,12 @@ def test_query_is_never_its_own_candidate(catalog, workdir):
         (40, 40, 50, 16),  # k larger than the pool: padded
     ],
 )
-def test_search_matrix_matches_brute_force_order(n, n_queries, k, block):
+def test_leave_one_out_knn_matches_brute_force_order(n, n_queries, k, block):
     rng = np.random.default_rng(n + k)
     vectors = rng.normal(size=(n, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = np.sort(rng.choice(n, n_queries, replace=False))
-    found = search_matrix(vectors, queries, k, block=block)
+    found = leave_one_out_knn(vectors, queries, k, block=block)
     sims = (vectors[queries].astype(np.float64) @ vectors.T.astype(np.float64)).astype(np.float32)  # the tie rule's scores
     sims[np.arange(n_queries), queries] = -np.inf
     expected = np.argsort(-sims, axis=1, kind="stable")[:, : min(k, n - 1)]
@@ -182,20 +185,46 @@ def test_search_matrix_matches_brute_force_order(n, n_queries, k, block):
 
 
 def test_backends_agree(catalog, workdir, result):
-    pytest.importorskip("faiss")
-    try:
-        from vrec_utils.index import create_index  # noqa: F401
-    except ImportError:
-        pytest.skip("the index layer is not importable")
     via_index = evaluate_models(catalog, workdir, ["fake-cnn", "fake-vlm"], filter_column="articleType", backend="faiss", **FAST)
     assert via_index.config["backend"] == "faiss"
     for row, per_metric in result.values.items():
         for metric, values in per_metric.items():  # every query, near-ties included: one tie rule
             np.testing.assert_array_equal(via_index.values[row][metric], values, err_msg=f"{row} {metric}")
+    # exact ties between items of different classes (items given the vector of an item of another
+    # class): which of two tied items is listed first changes the metrics, so the backends agree
+    # only if both apply the tie rule (equal scores by lower row)
+    emb = load_embeddings(workdir, catalog, "fake-cnn")
+    labels = catalog.items["articleType"].reindex(emb.ids).to_numpy()
+    vectors = np.array(emb.vectors)
+    takers = [i for i in range(1, 200, 2) if labels[i] != labels[i - 1]]
+    vectors[takers] = vectors[np.asarray(takers) - 1]
+    tied = {"tied": Embeddings(emb.ids, vectors, emb.manifest)}
+    found = leave_one_out_knn(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), np.arange(len(vectors)), 10)
+    assert np.isin(found, takers).any(axis=1).sum() > 20  # many lists hold a tied pair
+    by_matrix = evaluate_embeddings(catalog, tied, **FAST)
+    by_index = evaluate_embeddings(catalog, tied, backend="faiss", **FAST)
+    for metric, values in by_matrix.values[("tied", "unfiltered")].items():
+        np.testing.assert_array_equal(by_index.values[("tied", "unfiltered")][metric], values, err_msg=f"tied {metric}")
     hnsw = evaluate_models(catalog, workdir, ["fake-cnn"], backend="faiss", index_options={"ann": "hnsw"}, **FAST)
     assert hnsw.config["index_options"] == {"ann": "hnsw"}
     with pytest.raises(KeyError, match="available"):
         evaluate_models(catalog, workdir, ["fake-cnn"], backend="annoy")
+
+
+def test_evaluate_takes_a_frozen_config(catalog, workdir, result):
+    config = EvalConfig(ks=[10, 5, 5], filter_column="articleType", **FAST)
+    assert config.ks == (5, 10) and config.label == "articleType" and config.depth == 10
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+    with pytest.raises(TypeError):
+        config.index_options["ann"] = "hnsw"  # read-only
+    embeddings = {name: load_embeddings(workdir, catalog, name) for name in ("fake-cnn", "fake-vlm")}
+    direct = evaluate(catalog, embeddings, config)
+    assert direct.to_json() == result.to_json()  # the keyword wrappers build the same config
+    with pytest.raises(ValueError, match="ci_method"):
+        EvalConfig(ci_method="normal")
+    with pytest.raises(ValueError, match="index_options"):
+        EvalConfig(index_options={"ann": "hnsw"})  # the matrix backend has none
 
 
 def test_same_inputs_and_seed_give_identical_numbers(catalog, workdir, result):
@@ -261,7 +290,7 @@ def test_singletons_remain_candidates(catalog, workdir):
     vectors = load_embeddings(workdir, catalog, "fake-cnn").vectors_for(catalog.ids)
     counts = catalog.items["articleType"].value_counts()
     single_pos = np.flatnonzero(catalog.items["articleType"].isin(counts[counts == 1].index).to_numpy())
-    found = search_matrix(vectors, np.arange(len(vectors)), 10)
+    found = leave_one_out_knn(vectors, np.arange(len(vectors)), 10)
     assert np.isin(single_pos, found).any()
 
 
@@ -560,7 +589,7 @@ def test_duplicated_items_give_the_same_lists_through_the_matrix_and_the_index(c
     vectors = np.ascontiguousarray(np.concatenate([base, base[:60], base[:60], base[:10].repeat(6, axis=0)])[rng.permutation(len(base) + 180)])
     ids = np.asarray([f"i{n}" for n in range(len(vectors))])
     queries = np.arange(len(vectors))
-    found = search_matrix(vectors, queries, 10)
+    found = leave_one_out_knn(vectors, queries, 10)
     sims = (vectors.astype(np.float64) @ vectors.T.astype(np.float64)).astype(np.float32)
     sims[queries, queries] = -np.inf
     np.testing.assert_array_equal(found, np.argsort(-sims, axis=1, kind="stable")[:, :10])

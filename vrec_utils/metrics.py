@@ -22,7 +22,7 @@ candidate set, ``[x]`` is 1 when x holds):
   by R instead (trec_eval's truncated AP); the two agree whenever R <= k.
 
 Ties: the kernels score the list as given; the retriever breaks score ties (see
-:func:`vrec_utils.evaluate.search_matrix`). sklearn's ``ndcg_score`` instead averages the gains
+:func:`vrec_utils.index.exact.canonical_top_k`). sklearn's ``ndcg_score`` instead averages the gains
 of tied scores by default (``ignore_ties=False``); it agrees with these kernels when given
 scores that reproduce the list order (tests/test_metrics.py does that, and checks ranx too).
 

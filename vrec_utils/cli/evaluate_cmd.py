@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..catalog import Split, load_catalog
-from ..evaluate import CI_METHODS, MATRIX, EvaluationResult, evaluate_models
+from ..evaluation import CI_METHODS, MATRIX, EvaluationResult, evaluate_models
 from ..metrics import GAINS
 from ._common import UserError, add_allow_partial_arg, add_catalog_args, positive_int, print_frame, split_list
 

@@ -18,6 +18,12 @@ equal scores are ordered by row, lower first. Duplicated vectors (the same photo
 exactly equal scores; without this rule fp32 and bf16 search, or two machines, listed different
 ones of them at the k-th place. ``exact_knn`` picks the method ("auto": bf16 first pass when the
 CPU has AMX-BF16 and the search is large enough to pay for it).
+
+``leave_one_out_knn`` is the same exact search for a set of vectors queried by its own rows (offline
+evaluation: every item queries the others), optionally within groups (an oracle category filter).
+There the similarity matrix is symmetric, so each pair of row blocks is multiplied once and serves
+both blocks (half the arithmetic of ``exact_knn``); its candidates go through the same
+:func:`canonical_top_k`, so both give the same lists.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ LARGE_INDEX = 2**17
 #: bf16 scores per product (queries x items, 2 bytes each), and items per block of the bf16 copy
 BLOCK_ELEMENTS = 2**25
 ITEM_BLOCK = 32768
+#: rows per block of the similarity matrix in :func:`leave_one_out_knn`
+MATRIX_BLOCK = 4096
 
 
 @functools.cache
@@ -326,7 +334,127 @@ def _merge_top(best, sims, first_row: int, c: int):
     return vals, torch.gather(rows_all, 1, pick)
 
 
+# ---------------------------------------------------------------- leave-one-out (evaluation)
+
+
+def _top_k(sims: np.ndarray, k: int, labels: np.ndarray | None = None, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (default: column numbers) and values of each row's k largest entries, best first,
+    ties broken by the lower label.
+
+    Wide rows are pruned first: split the columns into groups of ``chunk`` (group c holds
+    columns c, c + G, c + 2G, ... for G groups, so the maxima are a fast reduction over the
+    middle axis); the k largest entries lie in the k groups with the largest maxima, so only
+    those ``k * chunk`` columns are partitioned. An entry tied with the k-th largest group
+    maximum may be dropped for an equal one elsewhere."""
+    n_rows, n_cols = sims.shape
+    k = min(k, n_cols)
+    if labels is None and n_cols % chunk == 0 and n_cols >= 4 * k * chunk:
+        n_groups = n_cols // chunk
+        maxima = sims.reshape(n_rows, chunk, n_groups).max(axis=1)
+        best = np.argpartition(maxima, -k, axis=1)[:, -k:]
+        cols = (best[:, :, None] + np.arange(chunk) * n_groups).reshape(n_rows, -1)
+        vals = np.take_along_axis(sims, cols, axis=1)
+    else:
+        cols = np.broadcast_to(np.arange(n_cols), sims.shape) if labels is None else labels
+        vals = sims
+    if k < vals.shape[1]:
+        part = np.argpartition(vals, -k, axis=1)[:, -k:]
+        cols = np.take_along_axis(cols, part, axis=1)
+        vals = np.take_along_axis(vals, part, axis=1)
+    order = np.lexsort((cols, -vals), axis=1)
+    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def _top_k_of_columns(sims: np.ndarray, k: int, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_top_k` of ``sims.T`` without transposing the whole block: rows are grouped the
+    same way (group g holds rows g, g + G, ...), the group maxima are a reduction over the
+    leading axis, and only the k best groups' rows are gathered and transposed."""
+    n_rows, n_cols = sims.shape
+    k = min(k, n_rows)
+    if n_rows % chunk or n_rows < 4 * k * chunk:
+        return _top_k(np.ascontiguousarray(sims.T), k)
+    n_groups = n_rows // chunk
+    maxima = sims.reshape(chunk, n_groups, n_cols).max(axis=0)
+    best = np.argpartition(maxima, -k, axis=0)[-k:]
+    rows = (best[None, :, :] + (np.arange(chunk) * n_groups)[:, None, None]).reshape(-1, n_cols)
+    vals = sims[rows, np.arange(n_cols)[None, :]]
+    return _top_k(np.ascontiguousarray(vals.T), k, labels=np.ascontiguousarray(rows.T))
+
+
+def _pool_top_k(pool: np.ndarray, rows: np.ndarray, k: int, block: int) -> np.ndarray:
+    """Top-k positions within ``pool`` for its rows ``rows``, each row's own position excluded;
+    -1 where fewer exist.
+
+    When most rows are queries (leave-one-out), the similarity matrix is symmetric: each pair
+    of row blocks is multiplied once and serves both blocks (half the arithmetic). Otherwise
+    the query rows are multiplied by the whole pool, block by block."""
+    n = len(pool)
+    if 2 * len(rows) <= n:
+        out_cols, out_vals = [], []
+        for start in range(0, len(rows), block):
+            r = rows[start : start + block]
+            sims = pool[r] @ pool.T
+            sims[np.arange(len(r)), r] = -np.inf
+            c, v = _top_k(sims, k)
+            out_cols.append(c)
+            out_vals.append(v)
+        cols, vals = np.vstack(out_cols), np.vstack(out_vals)
+    else:
+        starts = list(range(0, n, block))
+        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in starts]
+        for bi, i0 in enumerate(starts):
+            left = pool[i0 : i0 + block]
+            for bj in range(bi, len(starts)):
+                j0 = starts[bj]
+                sims = left @ pool[j0 : j0 + block].T
+                if bi == bj:
+                    np.fill_diagonal(sims, -np.inf)
+                c, v = _top_k(sims, k)
+                parts[bi].append((c + j0, v))
+                if bi != bj:
+                    c, v = _top_k_of_columns(sims, k)
+                    parts[bj].append((c + i0, v))
+        merged = [_top_k(np.hstack([v for _, v in p]), k, labels=np.hstack([c for c, _ in p])) for p in parts]
+        cols = np.vstack([c for c, _ in merged])[rows]
+        vals = np.vstack([v for _, v in merged])[rows]
+    found = np.where(np.isfinite(vals), cols, -1)
+    if found.shape[1] < k:
+        found = np.pad(found, ((0, 0), (0, k - found.shape[1])), constant_values=-1)
+    return found
+
+
+def leave_one_out_knn(
+    vectors: np.ndarray, query_pos: np.ndarray, k: int, groups: np.ndarray | None = None, block: int = MATRIX_BLOCK
+) -> np.ndarray:
+    """Exact inner-product top-k over ``vectors`` for its own rows ``query_pos``, by blocks of the
+    similarity matrix (leave-one-out evaluation: the query itself is excluded). With ``groups``
+    (an int code per row) only rows of the query's group are searched, group by group. Returns
+    row numbers (n, k), -1 where fewer exist, best first, with the project's tie rule
+    (:func:`canonical_top_k`: equal scores by lower row), so the lists equal :func:`exact_knn`'s
+    (the index layer's exact search) on any CPU."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    query_pos = np.asarray(query_pos, dtype=np.int64)
+    out = np.full((len(query_pos), k), -1, dtype=np.int64)
+    if groups is None:
+        jobs = [(np.arange(len(query_pos)), np.arange(len(vectors)))]
+    else:
+        order = np.argsort(groups[query_pos], kind="stable")
+        bounds = np.flatnonzero(np.diff(groups[query_pos][order])) + 1
+        jobs = [(rows, np.flatnonzero(groups == groups[query_pos[rows[0]]])) for rows in np.split(order, bounds) if len(rows)]
+    for rows, members in jobs:
+        pool = vectors[members]
+        local = np.searchsorted(members, query_pos[rows])  # the queries' positions within the pool
+        todo, wanted = np.arange(len(rows)), min(len(pool), k + TIE_MARGIN)
+        while len(todo):
+            found = _pool_top_k(pool, local[todo], wanted, block)
+            _, best, unresolved = canonical_top_k(pool[local[todo]], pool, found, k, complete=wanted >= len(pool) - 1)
+            done = todo[~unresolved]
+            out[rows[done]] = np.where(best[~unresolved] >= 0, members[np.maximum(best[~unresolved], 0)], -1)
+            todo, wanted = todo[unresolved], min(len(pool), 4 * wanted)
+    return out
+
+
 __all__ = [
-    "EXACT_METHODS", "TIE_MARGIN", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "canonical_scores", "canonical_top_k",
-    "cpu_has_fast_bf16", "exact_knn", "kernel_tolerance", "resolve_exact_method", "use_bf16",
+    "EXACT_METHODS", "MATRIX_BLOCK", "TIE_MARGIN", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "canonical_scores",
+    "canonical_top_k", "cpu_has_fast_bf16", "exact_knn", "kernel_tolerance", "leave_one_out_knn", "resolve_exact_method", "use_bf16",
 ]
