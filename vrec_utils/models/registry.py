@@ -64,14 +64,8 @@ def register_model(
     return decorate
 
 
-def _ensure_families_imported() -> None:
-    # Families register themselves on import; importing here keeps `import vrec_utils` light.
-    from . import families  # noqa: F401
-
-
 def get_model_entry(name: str) -> tuple[ModelEntry, str | None]:
     """The registry entry for ``name`` and, for prefixed names, the part after the prefix."""
-    _ensure_families_imported()
     if name in _MODELS:
         return _MODELS[name], None
     for prefix, entry in _PREFIXES.items():
@@ -111,7 +105,6 @@ def create_embedder(
 
 def list_models(include_tests: bool = False) -> pd.DataFrame:
     """The registered models, one row each (prefix families are shown with ``...``)."""
-    _ensure_families_imported()
     rows = [
         {
             "name": e.name if e in _MODELS.values() else f"{e.name}...",
