@@ -209,20 +209,21 @@ def finetune(
     """
     config = config or FinetuneConfig()
     out = Path(out).expanduser().resolve()
+    workdir = Path(workdir)
     device = resolve_device(device)
     run_key = {"base": base, "catalog": catalog.fingerprint(), "config": config.to_dict()}
     ckpt_path = out / "checkpoints" / CHECKPOINT
     checkpoint = _load_checkpoint(ckpt_path, run_key, resume, overwrite)
 
     pairs = make_pairs(catalog, config)
-    model = create_pair_model(base, catalog, pairs, config, Path(workdir), device, progress, warm_cache)
+    model = create_pair_model(base, catalog, pairs, config, workdir, device, progress, warm_cache)
     rows = _positions(model, catalog, config)
     opt = _optimisation(model, base, config, device)
-    state = LoopState()
+    state, start_epoch = LoopState(), 0
     if checkpoint is not None:
         opt.load(checkpoint)
-        state = LoopState.from_checkpoint(checkpoint)
-    run = _Run(catalog, base, out, Path(workdir), config, device, pairs, int(checkpoint["epoch"]) if checkpoint else 0)
+        state, start_epoch = LoopState.from_checkpoint(checkpoint), int(checkpoint["epoch"])
+    run = _Run(catalog, base, out, workdir, config, device, pairs, start_epoch)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"base": base, **config.to_dict()}, indent=2))
