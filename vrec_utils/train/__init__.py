@@ -4,7 +4,7 @@ This is the Mercari recipe (fine-tune SigLIP with its sigmoid loss on product im
 as a measured part of the workbench. Training sits below evaluation: nothing here imports
 ``evaluate``, ``search`` or ``index`` (the before/after study is :mod:`vrec_utils.studies.finetune_study`).
 
-Modules, each importing only those above it:
+Modules, each importing only modules listed before it:
 
 * :mod:`.loss`: :func:`sigmoid_loss` (SigLIP's pairwise logistic loss, learnable ``t' `` and ``b``;
   paper init t' = log 10, b = -10) and :class:`SigmoidLoss`;
