@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vrec_utils.catalog import load_catalog
-from vrec_utils.finetune import FinetuneConfig, finetune, measure_finetune
+from vrec_utils.studies.finetune_study import measure_finetune
+from vrec_utils.train import FinetuneConfig, finetune
 
 
 def main(argv: list[str] | None = None) -> int:

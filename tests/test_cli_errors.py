@@ -276,7 +276,7 @@ def test_untrusted_finetune_checkpoint_is_refused_and_no_resume_starts_over(cata
     code, _, err = _run(["finetune", "--catalog", str(catalog_dir), "--out", str(out), "--workdir", str(tmp_path)], capfd, monkeypatch)
     _assert_refused_untrusted(code, err, "finetune", evil, "--no-resume")
     # The way out the message gives works: --no-resume deletes the file without reading it.
-    from vrec_utils.finetune import _load_checkpoint
+    from vrec_utils.train.loop import _load_checkpoint
 
     assert _load_checkpoint(evil, {}, resume=False, overwrite=True) is None and not evil.exists()
 

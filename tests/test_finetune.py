@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vrec_utils.catalog import Catalog, split_catalog
-from vrec_utils.finetune import (
+from vrec_utils.train import (
     PAPER_BIAS,
     PAPER_T_PRIME,
     FinetuneConfig,
@@ -155,7 +155,7 @@ def ft_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mini_run(tiny_fashion, ft_workdir):
-    from vrec_utils.finetune import default_run_dir
+    from vrec_utils.train import default_run_dir
 
     out = default_run_dir(ft_workdir, tiny_fashion, "mini-siglip", FAST)  # where ensure_finetuned looks
     return finetune(tiny_fashion, "mini-siglip", out, workdir=ft_workdir, config=FAST, device="cpu", progress=False)
@@ -208,7 +208,7 @@ def test_warmed_cache_matches_the_saved_model(mini_run, tiny_fashion, ft_workdir
 
 
 def test_resume_after_kill_gives_the_same_weights(mini_run, tiny_fashion, ft_workdir, tmp_path, monkeypatch):
-    import vrec_utils.finetune as ft
+    import vrec_utils.train.loop as ft
 
     real_save = ft._save_checkpoint
 
@@ -255,7 +255,7 @@ def test_alpha_is_chosen_on_validation_and_reported(mini_run):
 
 
 def test_ensure_finetuned_reuses_a_finished_run(mini_run, tiny_fashion, ft_workdir, monkeypatch):
-    import vrec_utils.finetune as ft
+    import vrec_utils.train.runs as ft
 
     name = ensure_finetuned(tiny_fashion, ft_workdir, config=FAST, out=mini_run.out)
     assert name == mini_run.model_name
@@ -316,8 +316,8 @@ def test_cli_finetune(tiny_fashion, ft_workdir, tmp_path, capsys, monkeypatch):
 
 
 def test_photo_shift_changes_backdrop_and_keeps_size(tiny_fashion):
-    from vrec_utils.finetune import photo_shift_image
     from vrec_utils.images import load_rgb
+    from vrec_utils.studies.finetune_study import photo_shift_image
 
     image = load_rgb(tiny_fashion.image_path(tiny_fashion.ids[0]))
     shifted = photo_shift_image(image)
@@ -327,7 +327,7 @@ def test_photo_shift_changes_backdrop_and_keeps_size(tiny_fashion):
 
 
 def test_measure_finetune_end_to_end(mini_run, tiny_fashion, ft_workdir):
-    from vrec_utils.finetune import measure_finetune
+    from vrec_utils.studies.finetune_study import measure_finetune
 
     m = measure_finetune(
         tiny_fashion, ft_workdir, config=FAST, holdout=("masterCategory=Apparel",), queries={"black watch": "Watches"},

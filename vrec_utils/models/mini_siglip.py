@@ -5,7 +5,7 @@ Towers (frozen, real weights, no download):
 * image: ``efficientnet-lite0`` (ImageNet), pooled features ``x`` (1280-d), L2-normalised;
 * text: ``minilm`` (all-MiniLM-L6-v2), sentence embedding ``t`` (384-d), L2-normalised.
 
-Heads (trained by ``vrec finetune`` with the SigLIP sigmoid loss, see :mod:`vrec_utils.finetune`).
+Heads (trained by ``vrec finetune`` with the SigLIP sigmoid loss, see :mod:`vrec_utils.train`).
 Both towers are projected into the *image tower's* 1280-d space, so the base model's
 neighbourhood structure is the starting point rather than something to be re-learnt::
 

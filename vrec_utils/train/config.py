@@ -1,0 +1,113 @@
+"""What a fine-tuning run learns: :class:`FinetuneConfig` (saved as ``config.json``) and its choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TRAINABLE = ("heads", "last", "all")
+SCHEDULES = ("cosine", "linear", "constant")
+SELECT_BY = ("val_ndcg", "val_loss", "last")
+LOSS_INIT = ("paper", "model")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that decides what a fine-tuning run learns (saved as ``config.json``).
+
+    ``None`` means "the default of the base model" where noted. Override with
+    ``dataclasses.replace(config, epochs=5)``.
+    """
+
+    # -- what trains
+    trainable: str = "heads"  # heads | last (last ``last_blocks`` blocks + heads) | all
+    last_blocks: int = 1
+    # -- optimisation (AdamW)
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    schedule: str = "cosine"  # cosine | linear | constant, after a linear warm-up
+    warmup_steps: int = 20
+    grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
+    seed: int = 0
+    loss_init: str = "paper"  # paper: t' = log 10, b = -10; model: the base's logit scale/bias (SigLIP)
+    # -- data
+    title_column: str = "title"
+    eval_fraction: float = 0.25  # split_catalog(catalog, eval_fraction, split_seed): eval is never trained on
+    split_seed: int = 0
+    val_fraction: float = 0.1  # of the train split, for choosing the epoch and alpha
+    exclude: tuple[str, ...] = ()  # "column=value" entries kept out of training (domain-shift checks)
+    max_pairs: int | None = None  # cap on training pairs (a seeded subset); None: all
+    # -- selection
+    label: str | None = "articleType"  # label for validation nDCG@5; None: select by val_loss
+    select_by: str = "val_ndcg"  # val_ndcg | val_loss | last
+    patience: int | None = None  # stop after this many epochs without improvement; None: run all
+    alpha: float | None = None  # mini-siglip output mix; None: chosen on validation (see choose_alpha)
+    alpha_tolerance: float = 0.01  # smallest alpha whose val nDCG@5 is within this of the best
+    # -- mini-siglip heads
+    image_rank: int | None = None  # None: full-rank residual image head; else low rank
+    text_hidden: int | None = None  # None: linear text head; else MLP width
+
+    def __post_init__(self) -> None:
+        _choice("trainable", self.trainable, TRAINABLE)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("select_by", self.select_by, SELECT_BY)
+        _choice("loss_init", self.loss_init, LOSS_INIT)
+        for name in ("epochs", "batch_size", "last_blocks"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2: the sigmoid loss needs negatives in the batch")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("weight_decay and warmup_steps must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] or None, got {self.alpha}")
+        if self.max_pairs is not None and self.max_pairs < 2:
+            raise ValueError(f"max_pairs must be >= 2 or None, got {self.max_pairs}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        parse_exclude(self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig field(s): {', '.join(unknown)}")
+        return cls(**{**data, "exclude": tuple(data.get("exclude", ()))})
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def parse_exclude(entries: Sequence[str]) -> list[tuple[str, str]]:
+    """``["masterCategory=Accessories"]`` -> ``[("masterCategory", "Accessories")]``."""
+    pairs = []
+    for entry in entries:
+        column, sep, value = str(entry).partition("=")
+        if not sep or not column.strip():
+            raise ValueError(f"exclude entries look like COLUMN=VALUE (e.g. masterCategory=Accessories), got {entry!r}")
+        pairs.append((column.strip(), value.strip()))
+    return pairs
