@@ -179,7 +179,7 @@ def test_article_report_runs_resnet50_and_siglip_from_local_files(siglip_from, s
 
 def test_results_name_the_weights_that_made_them(sample_catalog, tmp_path):
     """Evaluation JSON names each model's weights; random weights are flagged as test-only."""
-    from vrec_utils.evaluate import evaluate_models
+    from vrec_utils.evaluation import evaluate_models
     from vrec_utils.extract import extract_image_embeddings
 
     catalog = sample_catalog.head(60)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from ..catalog import Catalog, Split, load_catalog, split_catalog
-from ..evaluate import evaluate_embeddings, evaluate_models
+from ..evaluation import evaluate_embeddings, evaluate_models
 from ..images import load_rgb
 from ..index import create_index
 from ..models import create_embedder, resolve_device
