@@ -15,7 +15,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from vrec_utils import profiles
+from vrec_utils import notebook, profiles
 from vrec_utils.cli import main
 from vrec_utils.report import NotebookError, list_notebooks, run_report
 
@@ -160,7 +160,7 @@ def test_context_helpers_on_the_smoke_run(smoke_report):
     """What the notebooks call, checked on the report's own cache: same-backend agreement is
     exact, recommendation rows come in the article's order, queries are diverse."""
     _, base = smoke_report
-    ctx = profiles.prepare(None, "smoke", base / "work", models=["tiny-openclip", "tiny-siglip"], sample_size=SAMPLE_SIZE, progress=False)
+    ctx = notebook.prepare(None, "smoke", base / "work", models=["tiny-openclip", "tiny-siglip"], sample_size=SAMPLE_SIZE, progress=False)
     agreement = ctx.backend_agreement("faiss", n_queries=10, k=5, filter_column="subCategory")
     assert list(agreement["filter"]) == ["none", "subCategory"] * 2 and (agreement["overlap@5"] == 1.0).all()
     query = ctx.pick_query({"articleType": "Tshirts"})
@@ -175,13 +175,13 @@ def test_context_helpers_on_the_smoke_run(smoke_report):
 
 
 def test_open_catalog_samples_by_id_hash(sample_catalog):
-    a = profiles.open_catalog(sample_catalog, 50, seed=0)
-    b = profiles.open_catalog(sample_catalog.subset(sample_catalog.ids[::-1]), 50, seed=0)
+    a = notebook.open_catalog(sample_catalog, 50, seed=0)
+    b = notebook.open_catalog(sample_catalog.subset(sample_catalog.ids[::-1]), 50, seed=0)
     assert len(a) == 50 and set(a.ids) == set(b.ids)  # row order does not matter
-    assert set(profiles.open_catalog(sample_catalog, 50, seed=1).ids) != set(a.ids)
-    assert profiles.open_catalog(sample_catalog, None) is sample_catalog
+    assert set(notebook.open_catalog(sample_catalog, 50, seed=1).ids) != set(a.ids)
+    assert notebook.open_catalog(sample_catalog, None) is sample_catalog
     with pytest.raises(ValueError, match="at least 10"):
-        profiles.open_catalog(sample_catalog, 3)
+        notebook.open_catalog(sample_catalog, 3)
 
 
 def test_profiles_and_names(tmp_path):
@@ -202,8 +202,8 @@ def test_training_split_follows_the_fine_tuned_model(sample_catalog, tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "vrec_model.json").write_text(json.dumps({"family": "mini-siglip", "config": {"eval_fraction": 0.5, "split_seed": 3}}))
-    assert profiles.training_split(["efficientnet-lite0"], sample_catalog) is None
-    split = profiles.training_split(["efficientnet-lite0", f"local:{model_dir}"], sample_catalog)
+    assert notebook.training_split(["efficientnet-lite0"], sample_catalog) is None
+    split = notebook.training_split(["efficientnet-lite0", f"local:{model_dir}"], sample_catalog)
     assert split == split_catalog(sample_catalog, 0.5, 3)
 
 
@@ -215,3 +215,11 @@ def test_out_folder_never_overwrites_the_source_notebooks(tmp_path, capsys):
     assert main(["report", "--profile", "smoke", "--notebooks-dir", str(notebooks), "--out", str(tmp_path), "--quiet"]) == 2
     assert "would overwrite the source notebooks" in capsys.readouterr().err
     assert source.read_bytes() == before
+
+
+def test_resolving_a_profile_trains_only_when_asked(sample_catalog, tmp_path):
+    """The offline profile's fine-tuned model is looked up, not trained, unless the caller asks
+    (vrec report and notebook.prepare do)."""
+    with pytest.raises(profiles.ProfileUnavailableError, match="no mini-SigLIP fine-tuned on .* trains it once"):
+        profiles.resolve_profile("offline", sample_catalog.head(40), tmp_path / "work", progress=False)
+    assert not (tmp_path / "work" / "finetune").exists()

@@ -41,6 +41,8 @@ from typing import Any
 import pandas as pd
 
 from .data import REPO_ROOT
+from .notebook import open_catalog
+from .profiles import display_name, get_profile, resolve_profile
 from .store import DEFAULT_WORKDIR
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -227,7 +229,6 @@ def run_report(
     """
     import tqdm  # noqa: F401  (imported before TQDM_DISABLE is set for the kernels, so our own bars stay)
 
-    from .profiles import open_catalog, resolve_profile
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
@@ -248,7 +249,7 @@ def run_report(
     opened = open_catalog(catalog_path, sample_size)
 
     say(f"vrec report: profile {profile!r} on {opened.name} ({len(opened)} items); resolving models ...")
-    resolved = resolve_profile(profile, opened, workdir, fallback=fallback, progress=progress, weights=weights)
+    resolved = resolve_profile(profile, opened, workdir, fallback=fallback, progress=progress, weights=weights, train=True)
     for note in resolved.notes:
         say(f"note: {note}")
     say(f"models: {', '.join(resolved.models)}")
@@ -371,7 +372,6 @@ def _notebook_title(nb) -> str:
 
 
 def _title_markdown(parts, info: Mapping[str, Any]) -> str:
-    from .profiles import display_name, get_profile
 
     lines = ["# vrec report: CNN vs vision-language embeddings for similar items and visual search", ""]
     notes = list(info.get("notes") or [])
@@ -421,7 +421,6 @@ def evaluation_table(result, metric: str = "ndcg@5", others: Sequence[str] | Non
     """One row per (model, setting): ``metric`` with its 95% CI, the other metrics' means and the
     number of queries. Columns: model, setting, <metric>, ci95_low, ci95_high, <others...>, n_queries.
     ``include_pca=False`` leaves out the PCA-reduced rows (see :func:`dims_table`)."""
-    from .profiles import display_name
 
     summary = result.summary()
     if not include_pca:
@@ -450,7 +449,6 @@ def comparison_markdown(comparisons: pd.DataFrame, metric: str = "ndcg@5"):
     interval of the difference excludes zero (an IPython Markdown object)."""
     from IPython.display import Markdown
 
-    from .profiles import display_name
 
     rows = comparisons[comparisons["metric"] == metric] if "metric" in comparisons else comparisons
     if rows.empty:
@@ -631,7 +629,6 @@ def evaluation_markdown(result) -> Any:
 
 def comparison_table(comparisons: pd.DataFrame) -> pd.DataFrame:
     """The paired comparisons with display names, rounded, most useful columns first."""
-    from .profiles import display_name
 
     columns = ["model_a", "setting_a", "model_b", "setting_b", "metric", "mean_a", "mean_b", "diff", "diff_ci_low",
                "diff_ci_high", "p_value", "rel_improvement_pct", "rel_ci_low", "rel_ci_high", "n_queries"]  # fmt: skip
@@ -644,7 +641,6 @@ def comparison_table(comparisons: pd.DataFrame) -> pd.DataFrame:
 def per_category_table(result, column: str, metric: str = "ndcg@5", min_queries: int = 1) -> pd.DataFrame:
     """Mean ``metric`` per ``column`` value for each model (display names) and ``delta`` = second
     model minus first; ``attrs["delta_label"]`` says which."""
-    from .profiles import display_name
 
     frame = result.per_category(column, metric)
     frame = frame[frame["n_queries"] >= min_queries]
@@ -660,7 +656,6 @@ def per_category_table(result, column: str, metric: str = "ndcg@5", min_queries:
 
 def dims_table(result, metric: str = "ndcg@5") -> pd.DataFrame:
     """``metric`` against embedding dimensions per model (PCA rows + the full dimension)."""
-    from .profiles import display_name
 
     curve = result.dims_curve(metric)
     curve = curve.rename(columns={"mean": str(metric)})

@@ -31,12 +31,12 @@ from .loop import CHECKPOINT, FinetuneResult, finetune, lr_factor
 from .loss import PAPER_BIAS, PAPER_T_PRIME, SigmoidLoss, sigmoid_loss
 from .pair_models import PairModel, create_pair_model, select_parameters
 from .pairs import PairSet, make_pairs, title_series
-from .runs import default_run_dir, ensure_finetuned, load_result
+from .runs import default_run_dir, ensure_finetuned, find_finetuned, load_result
 from .validation import ALPHA_GRID, choose_alpha, label_ndcg
 
 __all__ = [
     "ALPHA_GRID", "CHECKPOINT", "LOSS_INIT", "PAPER_BIAS", "PAPER_T_PRIME", "SCHEDULES", "SELECT_BY", "TRAINABLE",
     "FinetuneConfig", "FinetuneResult", "PairModel", "PairSet", "SigmoidLoss", "choose_alpha", "create_pair_model",
-    "default_run_dir", "ensure_finetuned", "extract_finetuned_embeddings", "finetune", "label_ndcg", "load_result",
+    "default_run_dir", "ensure_finetuned", "find_finetuned", "extract_finetuned_embeddings", "finetune", "label_ndcg", "load_result",
     "lr_factor", "make_pairs", "parse_exclude", "select_parameters", "sigmoid_loss", "title_series",
 ]  # fmt: skip

@@ -21,6 +21,31 @@ def default_run_dir(workdir: str | os.PathLike, catalog: Catalog, base: str, con
     return Path(workdir) / "finetune" / f"{slugify(catalog.name)}-{catalog.fingerprint()[:8]}-{slugify(base)}-{config.digest()[:10]}"
 
 
+def find_finetuned(
+    catalog: Catalog,
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
+    base: str = "mini-siglip",
+    *,
+    config: FinetuneConfig | None = None,
+    out: str | os.PathLike | None = None,
+) -> str | None:
+    """The ``local:`` name of a finished run of ``base`` fine-tuned on ``catalog`` with ``config``,
+    or None when there is none (nothing is trained)."""
+    config = config or FinetuneConfig()
+    out = Path(out) if out is not None else default_run_dir(workdir, catalog, base, config)
+    out = out.expanduser().resolve()
+    model_json = out / "model" / "vrec_model.json"
+    if model_json.is_file():
+        run = json.loads(model_json.read_text()).get("run", {})
+        if (
+            run.get("base") == base
+            and run.get("catalog_fingerprint") == catalog.fingerprint()
+            and run.get("config_digest") == config.digest()
+        ):
+            return f"local:{out / 'model'}"
+    return None
+
+
 def ensure_finetuned(
     catalog: Catalog,
     workdir: str | os.PathLike = DEFAULT_WORKDIR,
@@ -34,17 +59,10 @@ def ensure_finetuned(
     """The ``local:`` name of a model fine-tuned on ``catalog`` with ``config``; trains only when
     no finished run of the same base, catalog and config exists (fast when cached)."""
     config = config or FinetuneConfig()
-    out = Path(out) if out is not None else default_run_dir(workdir, catalog, base, config)
-    out = out.expanduser().resolve()
-    model_json = out / "model" / "vrec_model.json"
-    if model_json.is_file():
-        run = json.loads(model_json.read_text()).get("run", {})
-        if (
-            run.get("base") == base
-            and run.get("catalog_fingerprint") == catalog.fingerprint()
-            and run.get("config_digest") == config.digest()
-        ):
-            return f"local:{out / 'model'}"
+    found = find_finetuned(catalog, workdir, base, config=config, out=out)
+    if found is not None:
+        return found
+    out = (Path(out) if out is not None else default_run_dir(workdir, catalog, base, config)).expanduser().resolve()
     return finetune(catalog, base, out, workdir=workdir, config=config, device=device, progress=progress).model_name
 
 
