@@ -53,7 +53,6 @@ DEFAULT_CELL_TIMEOUT = 1800  # seconds for one cell
 
 class NotebookError(RuntimeError):
     """A notebook cell failed; the message names the notebook, the cell and the exception."""
-
     def __init__(self, notebook: str, cell: int | None, source_line: str, error: str, executed: Path | None) -> None:
         where = f"cell {cell}" if cell is not None else "startup"
         line = f" (`{source_line}`)" if source_line else ""
@@ -228,7 +227,6 @@ def run_report(
     the report's header like every model's weights.
     """
     import tqdm  # noqa: F401  (imported before TQDM_DISABLE is set for the kernels, so our own bars stay)
-
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
@@ -449,7 +447,6 @@ def comparison_markdown(comparisons: pd.DataFrame, metric: str = "ndcg@5"):
     interval of the difference excludes zero (an IPython Markdown object)."""
     from IPython.display import Markdown
 
-
     rows = comparisons[comparisons["metric"] == metric] if "metric" in comparisons else comparisons
     if rows.empty:
         return Markdown("_Only one model: there is no paired comparison to make._")
@@ -629,7 +626,6 @@ def evaluation_markdown(result) -> Any:
 
 def comparison_table(comparisons: pd.DataFrame) -> pd.DataFrame:
     """The paired comparisons with display names, rounded, most useful columns first."""
-
     columns = ["model_a", "setting_a", "model_b", "setting_b", "metric", "mean_a", "mean_b", "diff", "diff_ci_low",
                "diff_ci_high", "p_value", "rel_improvement_pct", "rel_ci_low", "rel_ci_high", "n_queries"]  # fmt: skip
     table = comparisons[[c for c in columns if c in comparisons.columns]].copy()
@@ -656,7 +652,6 @@ def per_category_table(result, column: str, metric: str = "ndcg@5", min_queries:
 
 def dims_table(result, metric: str = "ndcg@5") -> pd.DataFrame:
     """``metric`` against embedding dimensions per model (PCA rows + the full dimension)."""
-
     curve = result.dims_curve(metric)
     curve = curve.rename(columns={"mean": str(metric)})
     curve["model"] = curve["model"].map(display_name)
