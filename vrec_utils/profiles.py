@@ -27,12 +27,12 @@ import pandas as pd
 from .catalog import Catalog
 from .models import create_embedder
 from .models.base import ModelUnavailableError
+from .models.local import local_model_dir
 from .store import DEFAULT_WORKDIR
 from .train import ensure_finetuned, find_finetuned
 
 #: Placeholder in a profile's model list: the mini-SigLIP fine-tuned on the catalog.
 FINETUNED_MINI_SIGLIP = "finetuned:mini-siglip"
-LOCAL_PREFIX = "local:"
 
 
 class ProfileUnavailableError(ModelUnavailableError):
@@ -165,10 +165,10 @@ def _resolve_model(
 
 def display_name(model: str) -> str:
     """A short, readable name for figures: ``local:.../model`` becomes ``<base> fine-tuned``."""
-    if not model.startswith(LOCAL_PREFIX):
+    if local_model_dir(model) is None:
         return model
     meta = _local_model_json(model)
-    base = (meta or {}).get("base") or (meta or {}).get("family") or Path(model[len(LOCAL_PREFIX) :]).name
+    base = (meta or {}).get("base") or (meta or {}).get("family") or local_model_dir(model).name
     return f"{base} fine-tuned"
 
 
@@ -177,7 +177,7 @@ def _local_model_json(model: str) -> dict[str, Any] | None:
     from .models.mini_siglip import read_model_json
 
     try:
-        return read_model_json(model[len(LOCAL_PREFIX) :])
+        return read_model_json(local_model_dir(model))
     except FileNotFoundError:
         return None
 

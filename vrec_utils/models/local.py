@@ -151,8 +151,21 @@ def load_local_model(directory: str | os.PathLike, alpha: float | None = None) -
     raise ValueError(f"{directory / MODEL_JSON} names an unknown model family {family!r}")
 
 
+LOCAL_SCHEME = "local:"
+
+
+def local_model_name(directory: str | os.PathLike) -> str:
+    """The registry name of the model saved in ``directory``: ``local:<directory>``."""
+    return f"{LOCAL_SCHEME}{directory}"
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The folder of a ``local:`` model name, None for any other name."""
+    return Path(name[len(LOCAL_SCHEME) :]) if name.startswith(LOCAL_SCHEME) and len(name) > len(LOCAL_SCHEME) else None
+
+
 @register_model(
-    "local:",
+    LOCAL_SCHEME,
     prefix=True,
     description="a model saved by `vrec finetune`: local:DIR (DIR/vrec_model.json, or DIR/model/)",
     has_text=True,

@@ -24,7 +24,8 @@ from ..extract import extract_image_embeddings
 from ..index import build_index
 from ..models import create_embedder, get_model_entry
 from ..plots import project_2d
-from ..profiles import LOCAL_PREFIX, ResolvedProfile, _local_model_json, display_name, get_profile, resolve_profile
+from ..models.local import local_model_dir
+from ..profiles import ResolvedProfile, _local_model_json, display_name, get_profile, resolve_profile
 from ..search import recommend, search_by_image, search_by_text
 from ..store import DEFAULT_WORKDIR, EmbeddingsNotFoundError, list_caches, load_embeddings
 from ..train import extract_finetuned_embeddings
@@ -35,7 +36,7 @@ def training_split(models: Sequence[str], catalog: Catalog) -> Split | None:
     (assignment hashes each id, so a sample of the catalog keeps every item's side); ``None``
     when no model was trained on this catalog."""
     for model in models:
-        if model.startswith(LOCAL_PREFIX):
+        if local_model_dir(model) is not None:
             config = (_local_model_json(model) or {}).get("config") or {}
             return split_catalog(catalog, float(config.get("eval_fraction", 0.25)), int(config.get("split_seed", 0)))
     return None
@@ -142,7 +143,7 @@ class RunContext:
         return [m for m in self.models if self._has_text(m)]
 
     def _has_text(self, model: str) -> bool:
-        if model.startswith(LOCAL_PREFIX):  # a fine-tune keeps its base's towers: ask the model
+        if local_model_dir(model) is not None:  # a fine-tune keeps its base's towers: ask the model
             return bool(self.embedder(model).has_text)
         return get_model_entry(model)[0].has_text
 
@@ -156,7 +157,7 @@ class RunContext:
             started = time.perf_counter()
             embedder = self.embedder(model)
             load_seconds = time.perf_counter() - started
-            if model.startswith(LOCAL_PREFIX) and _is_mini_siglip(model):
+            if local_model_dir(model) is not None and _is_mini_siglip(model):
                 rows.append(self._extract_finetuned(model, load_seconds, batch_size, progress))
                 continue
             result = extract_image_embeddings(self.catalog, embedder, self.workdir, batch_size=batch_size, progress=progress)

@@ -359,7 +359,7 @@ def measure_finetune(
         )
     runs: dict[str, dict[str, Any]] = {}
     tuned = ensure_finetuned(catalog, workdir, base, config=config, device=device, progress=progress)
-    runs["in-domain"] = load_result(tuned[len("local:") :])["result"]
+    runs["in-domain"] = load_result(tuned)["result"]
     extract_finetuned_embeddings(catalog, tuned, workdir, device=device, progress=progress)
     extract_finetuned_embeddings(catalog, base_model, workdir, device=device, progress=progress)  # cached: a quick check
     checks = [_compare(catalog, workdir, base_model, tuned, split, label, n_bootstrap, "in-domain (eval split)", "tuned")]
@@ -376,7 +376,7 @@ def measure_finetune(
         else:
             shift_config = dataclasses.replace(config, exclude=tuple(holdout))
             shift_model = ensure_finetuned(catalog, workdir, base, config=shift_config, device=device, progress=progress)
-            runs["category-shift"] = load_result(shift_model[len("local:") :])["result"]
+            runs["category-shift"] = load_result(shift_model)["result"]
             extract_finetuned_embeddings(catalog, shift_model, workdir, device=device, progress=progress)
             checks.append(_compare(catalog, workdir, base_model, shift_model, Split((), unseen, split.seed, split.eval_fraction),
                                    label, n_bootstrap, f"category shift: held-out {names}", "tuned w/o held-out"))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..catalog import Catalog
 from ..models import resolve_device
 from ..models._common import torch_load_trusted
+from ..models.local import local_model_name
 from ..store import DEFAULT_WORKDIR
 from .config import FinetuneConfig
 from .loss import SigmoidLoss, sigmoid_loss
@@ -344,7 +345,7 @@ def _finish(run: _Run, opt: Optimisation, state: LoopState, rows: _Positions, wa
     hist.to_csv(run.out / "history.csv", index=False)
     steps.to_csv(run.out / "steps.csv", index=False)
     alpha_table.to_csv(run.out / "alpha.csv", index=False)
-    model_name = f"local:{model_dir}"
+    model_name = local_model_name(model_dir)
     warmed = model.warm_cache(model_name, model_dir, run.workdir, run.catalog, run.device) if warm_cache else 0
     info["warmed_cache_items"] = warmed
     (run.out / "result.json").write_text(json.dumps({**info, "model": model_name, "alpha": alpha}, indent=2))

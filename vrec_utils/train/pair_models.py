@@ -33,7 +33,7 @@ from ..extract import (
 )
 from ..models import create_embedder, get_model_entry
 from ..models import mini_siglip as ms
-from ..models.local import TunedEmbedder, load_local_model, save_tuned
+from ..models.local import LOCAL_SCHEME, TunedEmbedder, load_local_model, local_model_dir, save_tuned
 from .config import FinetuneConfig
 from .embed import extract_finetuned_embeddings
 from .loss import SigmoidLoss
@@ -232,8 +232,8 @@ class TowerPairs(PairModel):
     def __init__(
         self, base: str, catalog: Catalog, pairs: PairSet, config: FinetuneConfig, workdir: Path, device: torch.device, progress: bool
     ) -> None:
-        if base.startswith("local:"):
-            self.embedder = load_local_model(base[len("local:") :]).to(device)
+        if local_model_dir(base) is not None:
+            self.embedder = load_local_model(local_model_dir(base)).to(device)
             self.base = self.embedder.base if isinstance(self.embedder, TunedEmbedder) else base
         else:
             self.embedder = create_embedder(base, device=device)
@@ -356,8 +356,8 @@ def create_pair_model(
 ) -> PairModel:
     """The :class:`PairModel` for ``base``; refuses image-only models with the reason."""
     entry, spec = get_model_entry(base)
-    if base == "mini-siglip" or (entry.name == "local:" and _local_family(spec) == "mini-siglip"):
-        start_from = spec if entry.name == "local:" else None
+    if base == "mini-siglip" or (entry.name == LOCAL_SCHEME and _local_family(spec) == "mini-siglip"):
+        start_from = spec if entry.name == LOCAL_SCHEME else None
         return MiniSiglipPairs(
             catalog, pairs, config, workdir, device, progress,
             start_from=start_from, features_for=catalog if warm_cache else None,

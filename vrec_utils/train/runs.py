@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ..catalog import Catalog
+from ..models.local import local_model_dir, local_model_name
 from ..store import DEFAULT_WORKDIR, slugify
 from .config import FinetuneConfig
 from .loop import finetune
@@ -42,7 +43,7 @@ def find_finetuned(
             and run.get("catalog_fingerprint") == catalog.fingerprint()
             and run.get("config_digest") == config.digest()
         ):
-            return f"local:{out / 'model'}"
+            return local_model_name(out / "model")
     return None
 
 
@@ -67,8 +68,9 @@ def ensure_finetuned(
 
 
 def load_result(out: str | os.PathLike) -> dict[str, Any]:
-    """``result.json``, ``history.csv``, ``steps.csv`` and ``alpha.csv`` of a finished run."""
-    out = Path(out)
+    """``result.json``, ``history.csv``, ``steps.csv`` and ``alpha.csv`` of a finished run (its
+    folder, its model folder, or the model's ``local:`` name)."""
+    out = local_model_dir(str(out)) or Path(out)
     if (out / "vrec_model.json").is_file() and not (out / "result.json").is_file():
         out = out.parent
     if not (out / "result.json").is_file():
