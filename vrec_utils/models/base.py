@@ -56,6 +56,10 @@ class Embedder(ABC):
     image_transform: Callable[[Image.Image], torch.Tensor]
     #: channels_last helps convolution-heavy models on CPU and GPU; transformers do not care.
     prefers_channels_last: bool = False
+    #: the image vectors are heads over another model's features (:attr:`feature_model`), mixed
+    #: with them by an output-mix weight alpha (mini-SigLIP): extraction reuses that model's
+    #: cached features and runs only :meth:`image_from_features`, and alpha can be swept
+    has_output_mix: bool = False
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -86,6 +90,17 @@ class Embedder(ABC):
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "weights": self.weights_id(), "preprocess": self.preprocess_id(), "dim": self.dim}
+
+    # -- capabilities ----------------------------------------------------------------------
+    @property
+    def feature_model(self) -> "Embedder | None":
+        """The model whose (cached) image features this one's vectors are computed from, or None."""
+        return None
+
+    def image_from_features(self, features: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+        """Image vectors from :attr:`feature_model`'s normalised features (``alpha``: the output mix,
+        default the model's own). Only for models with ``has_output_mix``."""
+        raise NotImplementedError(f"model {self.name!r} has no output mix over another model's features")
 
     # -- torch plumbing ----------------------------------------------------------------------
     @abstractmethod

@@ -236,6 +236,7 @@ class MiniSiglipEmbedder(Embedder):
 
     has_text = True
     has_image = True
+    has_output_mix = True
 
     def __init__(
         self,
@@ -278,9 +279,15 @@ class MiniSiglipEmbedder(Embedder):
         self.heads.to(self.device).eval()
         return self
 
+    @property
+    def feature_model(self) -> Embedder:
+        return self.image_tower
+
+    def image_from_features(self, features: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+        return self.heads.image(features, self.alpha if alpha is None else alpha)
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.image_tower.encode_image(pixels).float(), dim=-1)
-        return self.heads.image(x, self.alpha)
+        return self.image_from_features(F.normalize(self.image_tower.encode_image(pixels).float(), dim=-1))
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         if len(texts) == 0:

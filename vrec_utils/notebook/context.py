@@ -157,7 +157,7 @@ class RunContext:
             started = time.perf_counter()
             embedder = self.embedder(model)
             load_seconds = time.perf_counter() - started
-            if local_model_dir(model) is not None and _is_mini_siglip(model):
+            if local_model_dir(model) is not None and embedder.has_output_mix:  # a fine-tune: only its heads run
                 rows.append(self._extract_finetuned(model, load_seconds, batch_size, progress))
                 continue
             result = extract_image_embeddings(self.catalog, embedder, self.workdir, batch_size=batch_size, progress=progress)
@@ -332,10 +332,6 @@ def _overlap(a: pd.Series, b: pd.Series) -> float:
     """Shared items over the longer list (a filtered search may return fewer than k)."""
     longest = max(len(a), len(b))
     return len(set(a) & set(b)) / longest if longest else 1.0
-
-
-def _is_mini_siglip(model: str) -> bool:
-    return ((_local_model_json(model) or {}).get("family")) == "mini-siglip"
 
 
 def _cached_count(workdir: Path, catalog: Catalog, model: str) -> int:

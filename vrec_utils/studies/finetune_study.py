@@ -31,7 +31,6 @@ from ..evaluation import evaluate_embeddings, evaluate_models
 from ..images import load_rgb
 from ..index import create_index
 from ..models import create_embedder, resolve_device
-from ..models.mini_siglip import MiniSiglipEmbedder
 from ..search import recommend, search_by_text
 from ..store import DEFAULT_WORKDIR, Embeddings, load_embeddings, slugify
 from ..train import (
@@ -428,13 +427,13 @@ def _alpha_sweep(catalog, workdir, tuned, base_model, split, label, device, n_bo
     evaluation result (rows ``alpha=<a>``; ``alpha=0`` is the base model). (None, None) for
     models without an output mix."""
     embedder = create_embedder(tuned, device="cpu")
-    if not isinstance(embedder, MiniSiglipEmbedder):
+    if not embedder.has_output_mix:
         return None, None
     base = load_embeddings(workdir, catalog, base_model).restrict(split.eval)
     x = torch.from_numpy(np.asarray(base.vectors, dtype=np.float32))
     with torch.inference_mode():
         variants = {
-            f"alpha={a:g}": Embeddings(base.ids, embedder.heads.image(x, a).numpy(), {**base.manifest, "model": f"alpha={a:g}"})
+            f"alpha={a:g}": Embeddings(base.ids, embedder.image_from_features(x, a).numpy(), {**base.manifest, "model": f"alpha={a:g}"})
             for a in ALPHA_GRID
         }
     result = evaluate_embeddings(catalog, variants, label=label, split=split, ks=(5,), metrics=["ndcg@5"], n_bootstrap=n_bootstrap)

@@ -11,7 +11,6 @@ from torch.nn import functional as F
 from ..catalog import Catalog
 from ..extract import autocast_context, extract_image_embeddings
 from ..models import create_embedder
-from ..models.mini_siglip import MiniSiglipEmbedder
 from ..store import DEFAULT_WORKDIR, EmbeddingCache
 
 
@@ -33,9 +32,9 @@ def extract_finetuned_embeddings(
     Returns the :class:`~vrec_utils.store.Embeddings`.
     """
     embedder = create_embedder(model, device=device)
-    if not isinstance(embedder, MiniSiglipEmbedder):
+    if not embedder.has_output_mix:
         return extract_image_embeddings(catalog, embedder, workdir, batch_size=batch_size, progress=progress).embeddings
-    base = extract_image_embeddings(catalog, embedder.image_tower, workdir, batch_size=batch_size, progress=progress)
+    base = extract_image_embeddings(catalog, embedder.feature_model, workdir, batch_size=batch_size, progress=progress)
     with EmbeddingCache.open(workdir, catalog, embedder.identity(), precision=base.precision, normalized=True) as cache:
         done = cache.done_ids()
         todo = [i for i in map(str, base.embeddings.ids) if i in catalog.items.index and i not in done]
@@ -43,7 +42,7 @@ def extract_finetuned_embeddings(
             chunk = todo[begin : begin + 4096]
             x = torch.from_numpy(np.asarray(base.embeddings.vectors_for(chunk), dtype=np.float32)).to(embedder.device)
             with torch.inference_mode(), autocast_context(base.precision, embedder.device):
-                out = embedder.heads.image(x, embedder.alpha).float()
+                out = embedder.image_from_features(x).float()
             cache.append(chunk, F.normalize(out, dim=-1).cpu().numpy())
         cache.write_skipped(dict(zip(base.skipped["id"], base.skipped["reason"])))
         cache.consolidate(extra={"features_from": str(base.cache_dir)})
