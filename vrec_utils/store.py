@@ -715,13 +715,27 @@ def _catalog_embeddings(store: VectorStore, catalog: Catalog, keys: pd.Series, i
 
 
 # ================================================================================ finding caches
-def _stores(workdir: str | os.PathLike) -> list[tuple[VectorStore, dict[str, Any]]]:
+def _stores(workdir: str | os.PathLike, model: str | None = None, modality: str | None = None) -> list[tuple[VectorStore, dict[str, Any]]]:
+    """The vector stores under ``workdir`` with their ``store.json``; with ``model`` (and
+    ``modality``) only that model's, located by the layout of :func:`store_directory` rather than
+    by reading every store."""
+    root = Path(workdir) / "embeddings"
+    if model is None:
+        paths = sorted(root.glob(f"*/*/{STORE_JSON}"))
+    else:
+        folder = root / slugify(model)
+        prefix = f"{modality}-" if modality else ""
+        found = sorted(p for p in folder.iterdir() if p.name.startswith(prefix)) if folder.is_dir() else []
+        paths = [p / STORE_JSON for p in found if (p / STORE_JSON).is_file()]
     out = []
-    for path in sorted((Path(workdir) / "embeddings").glob(f"*/*/{STORE_JSON}")):
+    for path in paths:
         try:
-            out.append((VectorStore(path.parent), json.loads(path.read_text())))
+            info = json.loads(path.read_text())
         except (OSError, ValueError):
             _note(f"{path}: unreadable; that cache is ignored")
+            continue
+        if model is None or info.get("model") == model:  # two names can share a slug
+            out.append((VectorStore(path.parent), info))
     return out
 
 
@@ -776,13 +790,9 @@ def load_embeddings(
     :func:`check_coverage`).
     """
     best: Embeddings | None = None
-    have_models: set[str] = set()
     keys: pd.Series | None = None
-    for store, info in _stores(workdir):
-        if info.get("modality", "image") != modality:
-            continue
-        have_models.add(info["model"])
-        if info["model"] != model or (precision is not None and info.get("precision") != precision):
+    for store, info in _stores(workdir, model, modality):
+        if info.get("modality", "image") != modality or (precision is not None and info.get("precision") != precision):
             continue
         if keys is None:
             keys = catalog_keys(workdir, catalog, modality, source_column)
@@ -791,7 +801,7 @@ def load_embeddings(
         if len(embeddings) and (best is None or rank > (len(best), best.manifest["updated"])):
             best = embeddings
     if best is None:
-        have = sorted(have_models - {model})
+        have = sorted({info["model"] for _, info in _stores(workdir) if info.get("modality", "image") == modality} - {model})
         raise EmbeddingsNotFoundError(
             f"no cached {modality} embeddings of model {model!r} for catalog {catalog.name!r} in "
             f"{Path(workdir)}; make them with: {extract_command(catalog, model, workdir, modality)}"
