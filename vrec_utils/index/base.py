@@ -460,6 +460,10 @@ def _check_exclude(exclude_ids: Any, n: int) -> list[str | None] | None:
     return None if all(e is None for e in out) else out
 
 
+#: rows whose norm is within this of 1 count as normalised and are kept as they are
+UNIT_NORM_TOLERANCE = 1e-4
+
+
 def _normalise(matrix: np.ndarray, ids: np.ndarray | None, what: str, chunk: int = 65536) -> np.ndarray:
     """Unit-length float32 rows; refuses NaN/inf and zero rows. Works in row chunks, so a large
     (memory-mapped) matrix is not copied when it is already normalised."""
@@ -486,7 +490,7 @@ def _normalise(matrix: np.ndarray, ids: np.ndarray | None, what: str, chunk: int
             f"{what} vector(s) {_name_rows(np.flatnonzero(zero), ids)} are all zeros: cosine similarity is "
             "undefined for them (Elasticsearch rejects them too)"
         )
-    if matrix.dtype == np.float32 and matrix.flags.c_contiguous and np.all(np.abs(norms - 1.0) < 1e-4):
+    if matrix.dtype == np.float32 and matrix.flags.c_contiguous and np.all(np.abs(norms - 1.0) < UNIT_NORM_TOLERANCE):
         return matrix
     out = np.empty(matrix.shape, dtype=np.float32)
     for start in range(0, len(matrix), chunk):

@@ -121,6 +121,10 @@ def _norms(matrix) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float32)) * np.float32(1 + matrix.shape[1] * 2.0**-22)
 
 
+def _max_norm(vectors: np.ndarray) -> float:
+    return float(_norms(vectors).max(initial=0.0)) if len(vectors) else 0.0
+
+
 def bf16_error_bounds(rounded_query_norms, query_rounding_norms, items: Bf16Items, dim: int, magnitudes) -> np.ndarray:
     """Per query: the most an exact score can differ from its bf16 score r, for |r| <= ``magnitudes``.
 
@@ -142,28 +146,44 @@ def exact_knn(
     *,
     method: ExactMethod = "auto",
     bf16_items: Bf16Items | None = None,
+    max_item_norm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: (scores, row numbers into ``vectors``), both (nq, k), best
     first, equal scores by lower row (:func:`canonical_top_k`).
 
     Rows with fewer than k items are padded with -inf / -1, as ``faiss.knn`` does.
-    ``bf16_items``: a cached :class:`Bf16Items` of ``vectors`` (saves converting them)."""
+    ``bf16_items``: a cached :class:`Bf16Items` of ``vectors`` (saves converting them).
+    ``max_item_norm``: a bound on the items' norms when the caller knows one (an index's vectors
+    are unit length); otherwise it is measured, which reads every vector once."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n_items = len(vectors)
-    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    rows = np.full((len(queries), k), -1, dtype=np.int64)
-    todo, wanted = np.arange(len(queries)), min(n_items, k + TIE_MARGIN)
-    while len(todo):
+
+    def kernel(todo: np.ndarray, wanted: int) -> np.ndarray:
         q = queries[todo]
         if resolve_exact_method(method, len(q), n_items, wanted) == "bf16-rescored":
-            _, found = bf16_rescored_knn(q, vectors, wanted, bf16_items=bf16_items)
-        else:
-            _, found = faiss.knn(q, vectors, wanted, metric=faiss.METRIC_INNER_PRODUCT)
-        s, r, unresolved = canonical_top_k(q, vectors, found, k, complete=wanted >= n_items)
+            return bf16_rescored_knn(q, vectors, wanted, bf16_items=bf16_items)[1]
+        return faiss.knn(q, vectors, wanted, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+    return _top_k_until_resolved(queries, vectors, k, kernel, n_eligible=n_items, max_item_norm=max_item_norm)
+
+
+def _top_k_until_resolved(
+    queries: np.ndarray, vectors: np.ndarray, k: int, kernel, *, n_eligible: int, max_item_norm: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) by the tie rule for every query: ``kernel(query numbers, c)`` returns the
+    top-c candidate rows of those queries; queries :func:`canonical_top_k` leaves unresolved are
+    asked again with 4x more candidates, up to all ``n_eligible`` items."""
+    tolerance = kernel_tolerance(queries, _max_norm(vectors) if max_item_norm is None else max_item_norm)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    todo, wanted = np.arange(len(queries)), min(len(vectors), k + TIE_MARGIN)
+    while len(todo):
+        found = kernel(todo, wanted)
+        s, r, unresolved = canonical_top_k(queries[todo], vectors, found, k, complete=wanted >= n_eligible, tolerance=tolerance[todo])
         done = ~unresolved
         scores[todo[done]], rows[todo[done]] = s[done], r[done]
-        todo, wanted = todo[unresolved], min(n_items, 4 * wanted)
+        todo, wanted = todo[unresolved], min(len(vectors), 4 * wanted)
     return scores, rows
 
 
@@ -181,13 +201,11 @@ def canonical_scores(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray,
     return out
 
 
-def kernel_tolerance(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+def kernel_tolerance(queries: np.ndarray, max_item_norm: float) -> np.ndarray:
     """Per query: a bound on how far a float32 score from any kernel used here (BLAS products,
     faiss's per-pair products, bf16 candidates rescored in fp32) lies from the exact one:
     d * 2^-23 * |q| * max |x| (twice the classic bound for recursive summation)."""
-    dim = queries.shape[1]
-    max_norm = float(_norms(vectors).max(initial=0.0)) if len(vectors) else 0.0
-    return dim * 2.0**-23 * _norms(queries).astype(np.float64) * max_norm
+    return queries.shape[1] * 2.0**-23 * _norms(queries).astype(np.float64) * float(max_item_norm)
 
 
 def canonical_top_k(
@@ -213,7 +231,7 @@ def canonical_top_k(
     # a kernel that returned fewer rows than asked for returned every eligible one
     full = complete | (valid.sum(axis=1) < candidates.shape[1])
     if tolerance is None:
-        tolerance = kernel_tolerance(queries, vectors)
+        tolerance = kernel_tolerance(queries, _max_norm(vectors))
     lowest = np.where(valid, all_scores, np.inf).min(axis=1).astype(np.float64)
     unresolved = ~full & (lowest + 2 * tolerance >= scores[:, k - 1].astype(np.float64))
     return scores, rows, unresolved
@@ -444,13 +462,10 @@ def leave_one_out_knn(
     for rows, members in jobs:
         pool = vectors[members]
         local = np.searchsorted(members, query_pos[rows])  # the queries' positions within the pool
-        todo, wanted = np.arange(len(rows)), min(len(pool), k + TIE_MARGIN)
-        while len(todo):
-            found = _pool_top_k(pool, local[todo], wanted, block)
-            _, best, unresolved = canonical_top_k(pool[local[todo]], pool, found, k, complete=wanted >= len(pool) - 1)
-            done = todo[~unresolved]
-            out[rows[done]] = np.where(best[~unresolved] >= 0, members[np.maximum(best[~unresolved], 0)], -1)
-            todo, wanted = todo[unresolved], min(len(pool), 4 * wanted)
+        _, best = _top_k_until_resolved(
+            pool[local], pool, k, lambda todo, wanted: _pool_top_k(pool, local[todo], wanted, block), n_eligible=len(pool) - 1
+        )  # fmt: skip  (the query itself is never a candidate: one item fewer is eligible)
+        out[rows] = np.where(best >= 0, members[np.maximum(best, 0)], -1)
     return out
 
 

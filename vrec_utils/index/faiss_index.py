@@ -48,7 +48,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from .base import VectorIndex, register_index
+from .base import UNIT_NORM_TOLERANCE, VectorIndex, register_index
 from .exact import EXACT_METHODS, TIE_MARGIN, Bf16Items, exact_knn, resolve_exact_method
 
 ANN_KINDS = ("none", "hnsw", "ivf")
@@ -105,6 +105,12 @@ class FaissSettings:
     def build_key(self) -> str:
         payload = json.dumps({f: getattr(self, f) for f in self.BUILD_FIELDS}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+#: the stored vectors are L2-normalised (VectorIndex keeps rows already within
+#: UNIT_NORM_TOLERANCE of unit length), so exact search need not read them all to bound its
+#: kernels' error by their largest norm
+STORED_NORM_BOUND = 1.0 + 2 * UNIT_NORM_TOLERANCE
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -467,7 +473,7 @@ class FaissIndex(VectorIndex):
         if self.settings.ann == "none" and len(allowed) == self._faiss.ntotal:
             return self._exact_all(q, kk)
         vectors = self._vectors_for(allowed)
-        d, i = exact_knn(q, vectors, kk, method=self.settings.exact_method)
+        d, i = exact_knn(q, vectors, kk, method=self.settings.exact_method, max_item_norm=STORED_NORM_BOUND)
         return d, np.where(i >= 0, allowed[np.maximum(i, 0)], -1)
 
     def _exact_all(self, q, kk):
@@ -477,7 +483,7 @@ class FaissIndex(VectorIndex):
         if resolve_exact_method(method, len(q), len(vectors), kk + TIE_MARGIN) == "bf16-rescored":
             if self._bf16_copy is None or len(self._bf16_copy) != len(vectors):
                 self._bf16_copy = Bf16Items.from_vectors(vectors)
-        return exact_knn(q, vectors, kk, method=method, bf16_items=self._bf16_copy)
+        return exact_knn(q, vectors, kk, method=method, bf16_items=self._bf16_copy, max_item_norm=STORED_NORM_BOUND)
 
     # -- persistence -------------------------------------------------------------------------------
     def _save(self, directory: Path) -> dict[str, Any]:
