@@ -300,7 +300,7 @@ def _checked(call, url: str, index: str | None = None, *, root: bool = False):
     """Run one client call, turning transport, auth, readiness and missing-index failures into
     the project's exceptions with one line naming ``url`` (never credentials) and the way out."""
     import elastic_transport
-    from elasticsearch import ApiError, AuthenticationException, AuthorizationException, UnsupportedProductError
+    from elasticsearch import ApiError, AuthorizationException, UnsupportedProductError
 
     url = redact_url(url)
     try:
@@ -314,11 +314,6 @@ def _checked(call, url: str, index: str | None = None, *, root: bool = False):
         raise BackendUnavailableError(
             f"cannot reach Elasticsearch at {url} ({_reason(exc)}); {START_HINT}"
         ) from None
-    except AuthenticationException:
-        raise BackendUnavailableError(
-            f"Elasticsearch at {url} refused the credentials (401); set VREC_ES_API_KEY, or "
-            "VREC_ES_USER and VREC_ES_PASSWORD, or the api_key/username/password of your config file"
-        ) from None
     except AuthorizationException as exc:
         raise BackendUnavailableError(
             f"Elasticsearch at {url} denied the request (403: {_reason(exc)}); the API key or user needs "
@@ -328,7 +323,7 @@ def _checked(call, url: str, index: str | None = None, *, root: bool = False):
         raise BackendUnavailableError(f"the server at {url} is not Elasticsearch") from None
     except ApiError as exc:
         kind, reason = _error_parts(exc.body, _reason(exc))
-        _raise_api_error(exc.status_code, kind, reason, url, index, root=root)
+        _raise_api_error(exc.status_code, kind, reason, url, index, root=root)  # 401 (AuthenticationException) too
         raise
 
 
