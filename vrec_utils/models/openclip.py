@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._common import Lazy, find_weights_file, is_random, local_weights_id, random_weights_id, seeded_random_init
+from ._common import Lazy, find_weights_file, hf_snapshot_source, is_random, local_weights_id, random_weights_id, seeded_random_init
 from .base import SingleModelEmbedder, ModelUnavailableError
 from .hub import hf_cache_dir, hf_cache_first
 from .registry import register_model
@@ -75,21 +75,12 @@ def _without_open_clip_error_logs() -> Iterator[None]:
         root.removeFilter(log_filter)
 
 
-def _hf_commit(repo_id: str) -> str:
-    """The cached commit of ``repo_id``'s main branch (hub cache layout), or ``"unknown"``."""
-    ref = Path(hf_cache_dir()) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
-    return ref.read_text().strip() if ref.is_file() else "unknown"
-
-
-def _hub_weights_id(repo_id: str) -> str:
-    """The digest id of the checkpoint open_clip loaded from ``repo_id``'s cached snapshot (the
-    same id as for that file given with --weights); ``hf:<repo>@<commit>`` if it cannot be found."""
-    commit = _hf_commit(repo_id)
-    snapshot = Path(hf_cache_dir()) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
-    try:
-        return local_weights_id(snapshot)
-    except (FileNotFoundError, NotADirectoryError):
-        return f"hf:{repo_id}@{commit}"
+def _hub_snapshot(repo_id: str) -> Path:
+    """``repo_id``'s snapshot folder in the hub cache (``refs/main`` names its commit; the commit
+    is "unknown" when the repo is not cached)."""
+    folder = Path(hf_cache_dir()) / f"models--{repo_id.replace('/', '--')}"
+    ref = folder / "refs" / "main"
+    return folder / "snapshots" / (ref.read_text().strip() if ref.is_file() else "unknown")
 
 
 def _text_cfg(model_name: str) -> dict[str, Any]:
@@ -213,7 +204,12 @@ def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> Ope
     model, preprocess = hf_cache_first(load, model=name, repo_id=hub_repo or text_repo or spec)
     tokenizer = Lazy(load_tokenizer)  # loaded on the first text: image-only work needs no tokenizer files
     if weights is None:
-        weights_id, source = _hub_weights_id(hub_repo), f"hf:{hub_repo}@{_hf_commit(hub_repo)}"
+        snapshot = _hub_snapshot(hub_repo)
+        source = hf_snapshot_source(hub_repo, snapshot)
+        try:  # the digest of the checkpoint open_clip loaded: the same id as that file given with --weights
+            weights_id = local_weights_id(snapshot)
+        except (FileNotFoundError, NotADirectoryError):
+            weights_id = source
     else:
         source = str(Path(weights).resolve())
     embedder = OpenClipEmbedder(name, model, preprocess, tokenizer, weights_id)
