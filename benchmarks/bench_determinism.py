@@ -21,17 +21,16 @@ import time
 from pathlib import Path
 
 import faiss
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _machine import cpu_line  # noqa: E402
+from _machine import REAL_MODEL as MODEL  # noqa: E402
+from _machine import cpu_line, real_embeddings  # noqa: E402
 from vrec_utils.index import create_index  # noqa: E402
 from vrec_utils.index.exact import cpu_has_fast_bf16, exact_knn  # noqa: E402
 from vrec_utils.index.faiss_index import omp_threads  # noqa: E402
 
-MODEL = "efficientnet-lite0"
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -50,17 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("-k", type=int, default=10)
     args = parser.parse_args(argv)
 
-    from vrec_utils.catalog import load_catalog
     from vrec_utils.evaluation import evaluate_models
-    from vrec_utils.extract import extract_image_embeddings
-    from vrec_utils.models import create_embedder
 
     print(f"machine: {cpu_line()}; AMX-BF16 used by 'auto': {cpu_has_fast_bf16()}")
-    catalog = load_catalog(args.catalog)
-    result = extract_image_embeddings(catalog, create_embedder(MODEL, device="cpu"), args.workdir, progress=True)
-    print(f"embeddings: {result.summary()}")
-    ids = np.asarray(result.embeddings.ids, dtype=str)
-    vectors = np.ascontiguousarray(result.embeddings.vectors, dtype=np.float32)
+    catalog, ids, vectors, _ = real_embeddings(args.catalog, args.workdir)
 
     lists = {}
     for method in ("fp32", "bf16-rescored"):

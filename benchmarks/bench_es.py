@@ -30,11 +30,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _machine import cpu_line  # noqa: E402
+from _machine import REAL_MODEL, cpu_line, real_embeddings  # noqa: E402
 from vrec_utils.index import create_index  # noqa: E402
 from vrec_utils.index.elasticsearch import ElasticsearchIndex, connect, default_num_candidates, load_es_config  # noqa: E402
 
-MODEL = "efficientnet-lite0"
+MODEL = REAL_MODEL
 SCRIPT = REPO / "scripts" / "es-test-node.sh"
 
 
@@ -50,19 +50,6 @@ def start_node() -> tuple[str, bool]:
         sys.exit(f"cannot start Elasticsearch: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     print(f"node: started with {SCRIPT.name} in {time.perf_counter() - started:.1f}s")
     return proc.stdout.strip().splitlines()[-1], True
-
-
-def load_real(catalog_path: Path, workdir: Path, n: int):
-    from vrec_utils.catalog import load_catalog
-    from vrec_utils.extract import extract_image_embeddings
-    from vrec_utils.models import create_embedder
-
-    catalog = load_catalog(catalog_path).head(n)
-    embedder = create_embedder(MODEL, device="cpu")
-    result = extract_image_embeddings(catalog, embedder, workdir, progress=False)
-    ids = np.asarray(result.embeddings.ids, dtype=str)
-    vectors = np.ascontiguousarray(result.embeddings.vectors, dtype=np.float32)
-    return catalog, ids, vectors, catalog.items.loc[ids, ["articleType"]]
 
 
 def recall(got, want) -> float:
@@ -116,7 +103,7 @@ def main(argv=None) -> int:
     names: list[str] = []
     try:
         t = time.perf_counter()
-        catalog, ids, vectors, metadata = load_real(args.catalog, args.workdir, args.n)
+        catalog, ids, vectors, metadata = real_embeddings(args.catalog, args.workdir, args.n, progress=False)
         print(f"data: {len(ids)} fashion-small items, {vectors.shape[1]}-d {MODEL} ({time.perf_counter() - t:.0f}s incl. extraction)")
         rng = np.random.default_rng(0)
         q_rows = np.sort(rng.choice(len(ids), size=min(args.queries, len(ids)), replace=False))

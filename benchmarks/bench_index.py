@@ -32,12 +32,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _machine import cpu_line  # noqa: E402
+from _machine import REAL_MODEL, cpu_line, real_embeddings  # noqa: E402
 from vrec_utils.index import create_index  # noqa: E402
 from vrec_utils.index.exact import cpu_has_fast_bf16, use_bf16  # noqa: E402
 from vrec_utils.index.faiss_index import default_threads  # noqa: E402
 
-MODEL = "efficientnet-lite0"
+MODEL = REAL_MODEL
 REPEAT = 3  # search timings: best of 3 (2-core machines share their cores with other work)
 
 
@@ -242,22 +242,6 @@ def _knobs(index) -> str:
     return ", ".join(f"{key}={desc[key]}" for key in ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe") if key in desc)
 
 
-def load_real(catalog_path: Path, workdir: Path):
-    from vrec_utils.catalog import load_catalog
-    from vrec_utils.extract import extract_image_embeddings
-    from vrec_utils.models import create_embedder
-
-    catalog = load_catalog(catalog_path)
-    embedder = create_embedder(MODEL, device="cpu")
-    result, seconds = timed(lambda: extract_image_embeddings(catalog, embedder, workdir, progress=True))
-    print(f"embeddings: {result.summary()} ({seconds:.0f}s)")
-    embeddings = result.embeddings
-    ids = np.asarray(embeddings.ids, dtype=str)
-    vectors = np.ascontiguousarray(embeddings.vectors, dtype=np.float32)
-    metadata = catalog.items.loc[ids, ["articleType"]]
-    return vectors, ids, metadata
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", type=Path, default=REPO.parent / "shared" / "data" / "fashion-small")
@@ -278,7 +262,8 @@ def main(argv=None) -> int:
 
     print(f"machine: {cpu_line()}, faiss {faiss.__version__} "
           f"({default_threads()} threads), numpy {np.__version__}, AMX-BF16: {'yes' if cpu_has_fast_bf16() else 'no'}")
-    vectors, ids, metadata = load_real(args.catalog, args.workdir)
+    (_, ids, vectors, metadata), seconds = timed(lambda: real_embeddings(args.catalog, args.workdir))
+    print(f"real embeddings ready in {seconds:.0f}s")
     real_data(vectors, ids, metadata, args.k, hnsw, ivf)
     sizes = [n for n in (100_000, 1_000_000) if n <= args.max_n]
     if args.max_n and args.max_n not in sizes and args.max_n > len(vectors):
