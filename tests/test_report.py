@@ -223,3 +223,32 @@ def test_resolving_a_profile_trains_only_when_asked(sample_catalog, tmp_path):
     with pytest.raises(profiles.ProfileUnavailableError, match="no mini-SigLIP fine-tuned on .* trains it once"):
         profiles.resolve_profile("offline", sample_catalog.head(40), tmp_path / "work", progress=False)
     assert not (tmp_path / "work" / "finetune").exists()
+
+
+def test_notebooks_declare_the_common_parameters_once():
+    """Each numbered notebook's parameters cell takes the shared declaration and reassigns none
+    of its names (a notebook that redefined `k` would silently drift from the others)."""
+    import ast
+
+    from vrec_utils.notebook import NotebookParameters
+
+    shared = set(NotebookParameters.names())
+    for path in list_notebooks():
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        tree = ast.parse(cell.source)
+        imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "vrec_utils.notebook.parameters"]
+        assert imports and imports[0].names[0].name == "*", path.name
+        assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        assert not assigned & shared, f"{path.name} redeclares {sorted(assigned & shared)}"
+
+
+def test_notebook_parameters_read_from_a_namespace():
+    from vrec_utils.notebook import NotebookParameters
+    from vrec_utils.notebook import parameters as shared
+
+    namespace = {name: getattr(shared, name) for name in shared.__all__}
+    namespace.update(k=10, profile="smoke", unrelated=1)
+    params = NotebookParameters.from_namespace(namespace)
+    assert (params.k, params.profile, params.workdir) == (10, "smoke", "../work")
+    assert set(shared.__all__) == set(NotebookParameters.names())

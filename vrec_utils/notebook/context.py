@@ -25,6 +25,7 @@ from ..index import build_index
 from ..models import create_embedder, get_model_entry
 from ..plots import project_2d
 from ..models.local import local_model_dir
+from .parameters import NotebookParameters
 from ..profiles import ResolvedProfile, _local_model_json, display_name, get_profile, resolve_profile
 from ..search import recommend, search_by_image, search_by_text
 from ..store import DEFAULT_WORKDIR, EmbeddingsNotFoundError, list_caches, load_embeddings
@@ -394,4 +395,24 @@ def prepare(
         device=device,
         progress=progress,
         weights=dict(weights or {}),
+    )
+
+
+def prepare_from(parameters: NotebookParameters | Mapping[str, Any], *, device: str | None = "auto") -> RunContext:
+    """:func:`prepare` with a notebook's common parameters (:class:`NotebookParameters`, or the
+    notebook's ``globals()`` from which they are read)."""
+    if not isinstance(parameters, NotebookParameters):
+        parameters = NotebookParameters.from_namespace(parameters)
+    return prepare(
+        parameters.catalog,
+        parameters.profile,
+        parameters.workdir,
+        models=parameters.models,
+        notes=parameters.profile_notes,
+        sample_size=parameters.sample_size,
+        fallback=parameters.fallback,
+        seed=parameters.seed,
+        device=device,
+        progress=parameters.progress,
+        weights=parameters.weights,
     )
