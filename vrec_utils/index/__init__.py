@@ -83,7 +83,7 @@ def embedding_cache_dir(workdir: str | os.PathLike, catalog: Catalog, embeddings
     folder = embeddings.manifest.get("catalog_dir")
     if folder:
         return Path(folder)
-    return Path(workdir) / "embeddings" / slugify(embeddings.model) / "catalogs" / catalog_dir(workdir, catalog)
+    return Path(workdir) / "embeddings" / slugify(embeddings.model) / "catalogs" / catalog_dir(catalog)
 
 
 def _restrict_to_catalog(embeddings: Embeddings, catalog: Catalog) -> Embeddings:
