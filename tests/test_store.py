@@ -378,6 +378,28 @@ def test_two_catalogs_in_one_folder_share_only_the_images_they_share(tmp_path, i
     assert [both[str(n)] for n in range(6, 12)] == [b_vecs[str(n)] for n in range(6)]
 
 
+def test_one_catalog_identity_names_its_view(tmp_path, monkeypatch, images):
+    """The view folder is named by Catalog.fingerprint: one catalog given by a relative or an
+    absolute path is one view; another folder, another CSV or other ids are other views."""
+    csv = make_catalog(tmp_path / "a" / "shop", images[:6])
+    monkeypatch.chdir(tmp_path / "a")
+    absolute, relative = load_catalog(csv), load_catalog(Path("shop") / csv.name)
+    assert relative.fingerprint() == absolute.fingerprint()
+    assert store.catalog_dir(relative) == store.catalog_dir(absolute)
+    made = extract(absolute, tmp_path / "w")
+    assert load_embeddings(tmp_path / "w", relative, PixelProjection.name).manifest["catalog_dir"] == str(made.cache_dir)
+    others = {
+        "another folder (same name, ids, images)": load_catalog(make_catalog(tmp_path / "b" / "shop", images[:6])),
+        "another CSV in the same folder": load_catalog(make_catalog(csv.parent, images[:6], "second.csv")),
+        "fewer ids": absolute.head(5),
+    }
+    names = {what: store.catalog_dir(c) for what, c in others.items()}
+    assert all(name.startswith("shop-") for name in names.values())
+    assert len({store.catalog_dir(absolute), *names.values()}) == 1 + len(others), names
+    extract(others["fewer ids"], tmp_path / "w")
+    assert load_embeddings(tmp_path / "w", others["fewer ids"], PixelProjection.name).manifest["catalog_dir"] != str(made.cache_dir)
+
+
 def test_image_replaced_in_place_is_re_embedded(tmp_path, images, lite0):
     csv = make_catalog(tmp_path / "cat", images[:12])
     catalog = load_catalog(csv)

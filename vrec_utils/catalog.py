@@ -124,9 +124,12 @@ class Catalog:
         return column
 
     def fingerprint(self) -> str:
-        """Identifies the catalog's location and image list (used in cache keys)."""
-        h = hashlib.sha256(str(self.root.resolve()).encode())
-        h.update("\n".join(self.items.index).encode())
+        """The catalog's one identity: the file that lists it (resolved, so a relative and an
+        absolute path agree; two CSVs in one folder differ) and its item ids, in order (a subset
+        differs from the whole). It names the catalog's view in the embedding store, its saved
+        indexes and its fine-tuning runs."""
+        h = hashlib.sha256(str(self.source.resolve()).encode())
+        h.update(b"\0" + "\n".join(self.items.index).encode())
         return h.hexdigest()[:12]
 
     def subset(self, ids: list[str] | pd.Index) -> "Catalog":
