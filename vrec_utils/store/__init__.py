@@ -19,7 +19,8 @@ new digest and is embedded again. Layout::
                                          checksums (blake2b of the keys, CRC-32 per block of
                                          1,024 vectors)
             catalogs/<catalog>-<id>/     per catalog (its identity: Catalog.fingerprint, the CSV and
-                                         its ids): manifest.json (coverage), skipped.csv
+                                         its ids): manifest.json (coverage), skipped.csv, saved
+                                         FAISS indexes
 
 Every file is written under a temporary name (``.tmp-*``, which no glob of the store matches),
 fsynced and renamed when complete; ``commit.json`` is the single commit point of a
@@ -56,20 +57,9 @@ from .files import (
     slugify,
     text_digest,
 )
-from .files import (
-    _remove as _remove,  # the fault-injection seams (see _StorePackage)
-)
-from .files import (
-    _replace as _replace,
-)
-from .files import (
-    _write_bytes as _write_bytes,
-)
+from .files import _remove, _replace, _write_bytes  # noqa: F401  (the fault-injection seams, see _StorePackage)
 from .lookup import check_coverage, extract_command, list_caches, load_embeddings
-from .vectors import (
-    _VERIFIED as _VERIFIED,  # verified store states, per process (benchmarks clear it)
-)
-from .vectors import StoreView, VectorStore, store_directory
+from .vectors import _VERIFIED, StoreView, VectorStore, store_directory  # noqa: F401  (_VERIFIED: benchmarks clear it)
 from .views import EmbeddingCache, Embeddings, catalog_dir, catalog_keys, read_skipped
 
 __all__ = [
