@@ -2,10 +2,11 @@
 
 Documents are keyed by item id (``_id``), hold ``item_id``, the catalog's label columns as
 ``keyword`` fields (filters) and one ``emb_<model-slug>`` vector per model, so several models
-live side by side and re-runs are idempotent. Request bodies are built by pure functions
-(:func:`index_mapping`, :func:`bulk_upsert_actions`, :func:`knn_query`, ...) that the tests
-check exactly; the official ``elasticsearch`` client (8.x/9.x) is imported only when a client is
-made.
+live side by side and re-runs are idempotent. Request bodies are built by pure functions in
+:mod:`.es_requests` (:func:`index_mapping`, :func:`bulk_upsert_actions`, :func:`knn_query`, ...)
+that the tests check exactly; settings, the client and error messages are in :mod:`.es_config`
+(the official ``elasticsearch`` client, 8.x/9.x, is imported only when a client is made). This
+module holds the backend, :class:`ElasticsearchIndex`, and exports all of them.
 
 Connection settings come from an explicit config file (JSON or TOML), else environment variables,
 never from code::
@@ -28,560 +29,52 @@ or credentials refused (401) -> ``BackendUnavailableError``; no such index (404)
 ``IndexSettingsMismatchError``; rejected documents -> :class:`BulkIndexError`.
 """
 
-from __future__ import annotations
-
-import json
-import logging
 import os
-import re
-import stat
-import tomllib
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
 
-from ..redact import redact_url
-from .base import (
-    BackendUnavailableError,
-    IndexBackendError,
-    IndexNotFoundError,
-    IndexSettingsMismatchError,
-    VectorIndex,
-    _check_ids,
-    register_index,
+from .base import IndexSettingsMismatchError, VectorIndex, _check_ids, register_index
+from .es_config import (
+    DEFAULT_INDEX,
+    DEFAULT_URL,
+    ENV_VARS,
+    START_HINT,
+    ElasticsearchConfig,
+    _checked,
+    _error_parts,
+    _raise_api_error,
+    check_index_name,
+    connect,
+    default_index_name,
+    load_es_config,
+    without_credentials,
 )
-
-DEFAULT_URL = "http://localhost:9200"
-DEFAULT_INDEX = "vrec-items"
-MAX_KNN = 10_000  # Elasticsearch's limit on k and num_candidates
-MAX_DIMS = 4096
-INDEX_TYPES = ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "int8_flat", "int4_flat", "bbq_flat")
-ENV_VARS = {
-    "url": "VREC_ES_URL",
-    "api_key": "VREC_ES_API_KEY",
-    "username": "VREC_ES_USER",
-    "password": "VREC_ES_PASSWORD",
-    "ca_certs": "VREC_ES_CA_CERTS",
-    "verify_certs": "VREC_ES_VERIFY_CERTS",
-    "index": "VREC_ES_INDEX",
-}
-START_HINT = (
-    "set VREC_ES_URL to your server's address, or start a local one with "
-    "`docker compose up -d elasticsearch` (docker-compose.yml at the repository root) "
-    "or `bash scripts/es-test-node.sh start`"
+from .es_requests import (
+    INDEX_TYPES,
+    MAX_DIMS,
+    MAX_KNN,
+    RESERVED_FIELDS,
+    BulkIndexError,
+    BulkReport,
+    FailedDocument,
+    _failed_document,
+    bulk_remove_vector_actions,
+    bulk_upsert_actions,
+    check_knn_sizes,
+    check_label_field,
+    default_num_candidates,
+    dense_vector_mapping,
+    ids_with_vector_body,
+    index_mapping,
+    knn_query,
+    knn_search_body,
+    mapping_differences,
+    vector_field,
 )
-_INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,254}$")
-_FIELD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-RESERVED_FIELDS = ("item_id",)
-
-
-class BulkIndexError(IndexBackendError, RuntimeError):
-    """Some documents were not indexed; ``report`` lists them. Re-running indexes only those missing."""
-
-    def __init__(self, report: "BulkReport", action: str = "index") -> None:
-        self.report = report
-        super().__init__(f"{action}: {report.summary()}")
-
-
-# ---------------------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class ElasticsearchConfig:
-    """Where and how to connect. Secrets are kept out of ``repr``."""
-
-    url: str = DEFAULT_URL
-    index: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_certs: str | None = None
-    verify_certs: bool = True
-    request_timeout: float = 30.0
-    #: timeout of the first contact: an unreachable server is reported fast
-    ping_timeout: float = 3.0
-    max_retries: int = 3
-
-    def __post_init__(self) -> None:
-        if not re.match(r"^https?://[^\s/]+", self.url or ""):
-            raise ValueError(f"Elasticsearch URL must look like http(s)://host:9200, got {redact_url(self.url or '')!r} (VREC_ES_URL)")
-        parts = urlsplit(self.url)
-        if parts.username is not None or parts.password is not None:
-            # user:password@ in the URL becomes basic auth; the URL kept (and shown) has none
-            if self.username or self.password or self.api_key:
-                raise ValueError(
-                    f"credentials in VREC_ES_URL ({redact_url(self.url)}) and in VREC_ES_USER/VREC_ES_PASSWORD/"
-                    "VREC_ES_API_KEY: give them one way"
-                )
-            object.__setattr__(self, "username", unquote(parts.username or ""))
-            object.__setattr__(self, "password", unquote(parts.password or ""))
-            object.__setattr__(self, "url", without_credentials(self.url))
-        if self.api_key and (self.username or self.password):
-            raise ValueError("set either an API key (VREC_ES_API_KEY) or basic auth (VREC_ES_USER/VREC_ES_PASSWORD), not both")
-        if bool(self.username) != bool(self.password):
-            raise ValueError("basic auth needs both VREC_ES_USER and VREC_ES_PASSWORD")
-        if self.ca_certs and not Path(self.ca_certs).expanduser().is_file():
-            raise ValueError(f"CA certificate file {self.ca_certs!r} does not exist (VREC_ES_CA_CERTS)")
-        if self.index is not None:
-            check_index_name(self.index)
-        for name in ("request_timeout", "ping_timeout"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name} must be > 0")
-
-    @property
-    def auth(self) -> str:
-        return "api_key" if self.api_key else "basic" if self.username else "none"
-
-
-def without_credentials(url: str) -> str:
-    """``url`` without its ``user:password@`` part: the address the client connects to once the
-    credentials have moved into ``username``/``password`` (messages use :func:`redact_url`, which
-    also masks malformed URLs)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def load_es_config(
-    config_file: str | os.PathLike | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    defaults: Mapping[str, Any] | None = None,
-    **overrides: Any,
-) -> ElasticsearchConfig:
-    """Settings from ``overrides`` > ``config_file`` (JSON or TOML, optionally under an
-    ``[elasticsearch]`` table) > ``VREC_ES_*`` environment variables > ``defaults`` > built-ins."""
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = dict(defaults or {})
-    for key, var in ENV_VARS.items():
-        if env.get(var, "").strip():
-            values[key] = env[var].strip()
-    if config_file is not None:
-        values.update(_read_config_file(Path(config_file)))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(ElasticsearchConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown Elasticsearch setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if "verify_certs" in values:
-        values["verify_certs"] = _as_bool(values["verify_certs"], "verify_certs (VREC_ES_VERIFY_CERTS)")
-    for key in ("request_timeout", "ping_timeout"):
-        if key in values:
-            values[key] = float(values[key])
-    if "max_retries" in values:
-        values["max_retries"] = int(values["max_retries"])
-    return ElasticsearchConfig(**values)
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    path = path.expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Elasticsearch config file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot parse Elasticsearch config file {str(path)!r}: {exc}") from exc
-    if isinstance(data, dict) and isinstance(data.get("elasticsearch"), dict):
-        data = data["elasticsearch"]
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a table/object of settings")
-    data = dict(data)
-    if "user" in data:
-        data["username"] = data.pop("user")
-    if (data.get("api_key") or data.get("password")) and os.name == "posix":
-        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            warnings.warn(f"{path} holds a secret but is readable by other users; chmod 600 it", stacklevel=3)
-    return data
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def check_index_name(name: str) -> str:
-    if not isinstance(name, str) or not _INDEX_NAME.match(name):
-        raise ValueError(
-            f"invalid Elasticsearch index name {name!r}: use lowercase letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def default_index_name(catalog_name: str | None = None) -> str:
-    if not catalog_name:
-        return DEFAULT_INDEX
-    slug = re.sub(r"[^a-z0-9]+", "-", catalog_name.lower()).strip("-")
-    return f"vrec-{slug}" if slug else DEFAULT_INDEX
-
-
-# ---------------------------------------------------------------------------------------- client
-
-
-def _import_elasticsearch():
-    try:
-        import elasticsearch
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "the Elasticsearch backend needs the official client: pip install 'vrec[es]' "
-            "(elasticsearch>=8.13,<10)"
-        ) from exc
-    return elasticsearch
-
-
-def connect(config: ElasticsearchConfig | None = None, **client_options: Any):
-    """An ``elasticsearch.Elasticsearch`` client, checked with one quick request.
-
-    Raises :class:`BackendUnavailableError` with one clear line when the server is unreachable,
-    refuses the credentials or the TLS setup, or is not Elasticsearch 8+.
-    """
-    es = _import_elasticsearch()
-    config = config or load_es_config()
-    kwargs: dict[str, Any] = {
-        "hosts": [config.url],
-        "request_timeout": config.request_timeout,
-        "max_retries": config.max_retries,
-        "retry_on_timeout": True,
-    }
-    if config.api_key:
-        kwargs["api_key"] = config.api_key
-    elif config.username:
-        kwargs["basic_auth"] = (config.username, config.password)
-    if config.url.startswith("https://"):
-        kwargs["verify_certs"] = config.verify_certs
-        if config.ca_certs:
-            kwargs["ca_certs"] = str(Path(config.ca_certs).expanduser())
-        if not config.verify_certs:
-            kwargs["ssl_show_warn"] = False
-    elif config.auth != "none":
-        warnings.warn(f"sending Elasticsearch credentials over plain http to {config.url}", stacklevel=2)
-    kwargs.update(client_options)
-    client = es.Elasticsearch(**kwargs)
-    quick = client.options(request_timeout=config.ping_timeout, max_retries=0)
-    pool_log = logging.getLogger("elastic_transport.node_pool")
-    level = pool_log.level
-    pool_log.setLevel(logging.ERROR)  # a 405 on `GET /` is no node failure worth a warning
-    try:
-        info = _checked(quick.info, config.url, root=True)
-    except _RootMissing:
-        # Servers without the rest-root module (Elastic's integration-test distribution) have no
-        # `GET /`: check the cluster instead; the product header was checked by the client.
-        _checked(quick.cluster.health, config.url)
-        return client
-    finally:
-        pool_log.setLevel(level)
-    version = str(info.get("version", {}).get("number", "0"))
-    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
-    if major < 8:
-        raise BackendUnavailableError(f"Elasticsearch at {config.url} is version {version}; vrec needs 8.x or 9.x")
-    return client
-
-
-class _RootMissing(Exception):
-    """``GET /`` answered 404/405: a server without the rest-root module."""
-
-
-def _checked(call, url: str, index: str | None = None, *, root: bool = False):
-    """Run one client call, turning transport, auth, readiness and missing-index failures into
-    the project's exceptions with one line naming ``url`` (never credentials) and the way out."""
-    import elastic_transport
-    from elasticsearch import ApiError, AuthorizationException, UnsupportedProductError
-
-    url = redact_url(url)
-    try:
-        return call()
-    except elastic_transport.TlsError as exc:
-        raise BackendUnavailableError(
-            f"TLS handshake with Elasticsearch at {url} failed ({_reason(exc)}); set VREC_ES_CA_CERTS to the "
-            "cluster's CA file (or VREC_ES_VERIFY_CERTS=false for a throwaway local cluster)"
-        ) from None
-    except (elastic_transport.ConnectionError, elastic_transport.ConnectionTimeout) as exc:
-        raise BackendUnavailableError(
-            f"cannot reach Elasticsearch at {url} ({_reason(exc)}); {START_HINT}"
-        ) from None
-    except AuthorizationException as exc:
-        raise BackendUnavailableError(
-            f"Elasticsearch at {url} denied the request (403: {_reason(exc)}); the API key or user needs "
-            "read/write/manage privileges on the vrec index"
-        ) from None
-    except UnsupportedProductError:
-        raise BackendUnavailableError(f"the server at {url} is not Elasticsearch") from None
-    except ApiError as exc:
-        kind, reason = _error_parts(exc.body, _reason(exc))
-        _raise_api_error(exc.status_code, kind, reason, url, index, root=root)  # 401 (AuthenticationException) too
-        raise
-
-
-def _error_parts(body: Any, default: str = "") -> tuple[str, str]:
-    """(type, one-line reason) of an Elasticsearch error body."""
-    error = body.get("error") if isinstance(body, Mapping) else body
-    if not isinstance(error, Mapping):
-        return "", str(error or default).splitlines()[0][:200] if (error or default) else ""
-    kind = str(error.get("type", ""))
-    reason = str(error.get("reason") or default)
-    text = f"{kind}: {reason}" if kind and kind not in reason else reason
-    return kind, text.splitlines()[0][:200] if text else kind
-
-
-def _raise_api_error(status: int, kind: str, reason: str, url: str, index: str | None, *, root: bool = False) -> None:
-    """Raise the project's exception for an Elasticsearch error answer (returns for the others)."""
-    if root and status in (404, 405, 410):
-        raise _RootMissing()
-    if status == 404 and kind in ("index_not_found_exception", ""):
-        raise IndexNotFoundError(
-            f"Elasticsearch at {url} has no index {index or '(unknown)'!r} ({reason}); check the index name "
-            "(VREC_ES_INDEX, --es-index) or build it: vrec index --backend elasticsearch ..."
-        )
-    if status == 503:
-        raise BackendUnavailableError(
-            f"Elasticsearch at {url} is not ready (503: {reason}); it may still be starting or the index's "
-            "shards are not assigned: wait until GET /_cluster/health is yellow or green, then retry"
-        )
-    if status == 401:
-        raise BackendUnavailableError(
-            f"Elasticsearch at {url} refused the credentials (401); set VREC_ES_API_KEY, or "
-            "VREC_ES_USER and VREC_ES_PASSWORD, or the api_key/username/password of your config file"
-        )
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", "") or exc)
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------- request bodies (pure)
-
-
-def vector_field(model: str) -> str:
-    """The document field that holds ``model``'s vectors: ``emb_`` + a lowercase slug."""
-    slug = re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")
-    if not slug:
-        raise ValueError(f"cannot make a field name from model {model!r}")
-    return f"emb_{slug}"[:200]
-
-
-def dense_vector_mapping(dims: int, *, index_type: str = "hnsw", m: int = 16, ef_construction: int = 100) -> dict[str, Any]:
-    """A ``dense_vector`` field with cosine similarity and explicit ``index_options``.
-
-    ``index_type`` is set explicitly because Elasticsearch 9.1+ otherwise quantizes vectors of 384+
-    dimensions with BBQ, which changes the results; ``hnsw`` (default) keeps float32 vectors,
-    ``flat`` searches exhaustively (exact)."""
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
-    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= MAX_DIMS:
-        raise ValueError(f"Elasticsearch dense_vector fields hold 1..{MAX_DIMS} dimensions, got {dims!r}")
-    options: dict[str, Any] = {"type": index_type}
-    if index_type.endswith("hnsw"):
-        options.update(m=int(m), ef_construction=int(ef_construction))
-    return {
-        "type": "dense_vector",
-        "dims": int(dims),
-        "element_type": "float",
-        "index": True,
-        "similarity": "cosine",
-        "index_options": options,
-    }
-
-
-def index_mapping(
-    vector_fields: Mapping[str, Mapping[str, Any]],
-    label_columns: Sequence[str] = (),
-    *,
-    models: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """The index mapping: ``item_id`` and each label column as ``keyword``, one vector field per
-    model (``vector_fields``: field -> :func:`dense_vector_mapping`). ``dynamic: strict`` makes a
-    stray field an error instead of a silently mapped one."""
-    properties: dict[str, Any] = {"item_id": {"type": "keyword"}}
-    for column in label_columns:
-        properties[check_label_field(column)] = {"type": "keyword"}
-    properties.update({name: dict(spec) for name, spec in vector_fields.items()})
-    return {
-        "dynamic": "strict",
-        "_meta": {"vrec": {"models": dict(models or {}), "label_columns": list(label_columns)}},
-        "properties": properties,
-    }
-
-
-def mapping_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """What the vector field mapping on the server (``existing``) has other than ``wanted``: the
-    similarity and each ``index_options`` setting vrec sets (defaults the server adds, such as
-    ``rescore_vector``, are not compared). Empty when they agree."""
-    out = []
-    if existing.get("similarity", "cosine") != wanted.get("similarity"):
-        out.append(f"similarity {existing.get('similarity')!r} (not {wanted.get('similarity')!r})")
-    if existing.get("element_type", "float") != wanted.get("element_type", "float"):
-        out.append(f"element_type {existing.get('element_type')!r} (not {wanted.get('element_type')!r})")
-    have = existing.get("index_options") or {}
-    for key, value in (wanted.get("index_options") or {}).items():
-        if have.get(key) != value:
-            out.append(f"index_options.{key} {have.get(key)!r} (not {value!r})")
-    return out
-
-
-def check_label_field(column: str) -> str:
-    if not _FIELD_NAME.match(column) or column in RESERVED_FIELDS or column.startswith("emb_"):
-        raise ValueError(
-            f"label column {column!r} cannot be an Elasticsearch field here: use letters, digits, '_' or '-' "
-            f"(no dots), not {', '.join(RESERVED_FIELDS)} or emb_*"
-        )
-    return column
-
-
-def bulk_upsert_actions(
-    index_name: str,
-    vector_field_name: str,
-    ids: Sequence[str],
-    vectors: np.ndarray,
-    metadata: Mapping[str, Sequence[str]] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """``update`` + ``doc_as_upsert`` actions: the document id is the item id, so a re-run
-    overwrites instead of duplicating, and other models' vectors in the same document are kept."""
-    metadata = metadata or {}
-    for row, item_id in enumerate(ids):
-        doc: dict[str, Any] = {"item_id": str(item_id)}
-        for column, values in metadata.items():
-            doc[column] = str(values[row])
-        doc[vector_field_name] = np.asarray(vectors[row], dtype=np.float32).tolist()
-        yield {"_op_type": "update", "_index": index_name, "_id": str(item_id), "doc": doc, "doc_as_upsert": True}
-
-
-def bulk_remove_vector_actions(index_name: str, vector_field_name: str, ids: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Remove one model's vector from documents (other models' vectors and the labels stay): a
-    partial update setting the field to null, which indexes no vector. No script, so it also works
-    where scripting is off or the painless module is absent (Elastic's integration-test build)."""
-    for item_id in ids:
-        yield {"_op_type": "update", "_index": index_name, "_id": str(item_id), "doc": {vector_field_name: None}}
-
-
-def knn_query(
-    vector_field_name: str,
-    vector: Sequence[float] | np.ndarray,
-    k: int,
-    num_candidates: int,
-    *,
-    filter: Mapping[str, str] | None = None,
-    exclude_id: str | None = None,
-) -> dict[str, Any]:
-    """The ``knn`` clause. ``filter`` (column -> value, e.g. the query item's ``articleType``: the
-    article's ``apply_filter``) and ``exclude_id`` (the query item) go in the kNN ``filter``, which
-    Elasticsearch applies during the search, so k results still come back."""
-    check_knn_sizes(k, num_candidates)
-    knn: dict[str, Any] = {
-        "field": vector_field_name,
-        "query_vector": np.asarray(vector, dtype=np.float32).tolist(),
-        "k": int(k),
-        "num_candidates": int(num_candidates),
-    }
-    clauses: dict[str, Any] = {}
-    if filter:
-        clauses["filter"] = [{"term": {column: str(value)}} for column, value in sorted(filter.items())]
-    if exclude_id is not None:
-        clauses["must_not"] = [{"ids": {"values": [str(exclude_id)]}}]
-    if clauses:
-        knn["filter"] = {"bool": clauses}
-    return knn
-
-
-def knn_search_body(
-    vector_field_name: str,
-    vector: Sequence[float] | np.ndarray,
-    k: int,
-    num_candidates: int,
-    *,
-    filter: Mapping[str, str] | None = None,
-    exclude_id: str | None = None,
-) -> dict[str, Any]:
-    """A ``_search`` body returning the k nearest item ids and scores (no ``_source``)."""
-    return {
-        "knn": knn_query(vector_field_name, vector, k, num_candidates, filter=filter, exclude_id=exclude_id),
-        "size": int(k),
-        "_source": False,
-        "track_total_hits": False,
-    }
-
-
-def check_knn_sizes(k: int, num_candidates: int) -> None:
-    if k > MAX_KNN:
-        raise ValueError(f"k={k} is over Elasticsearch's limit of {MAX_KNN:,} nearest neighbours per query")
-    if num_candidates > MAX_KNN:
-        raise ValueError(
-            f"num_candidates={num_candidates} is over Elasticsearch's limit of {MAX_KNN:,}; lower it (it must be >= k)"
-        )
-    if num_candidates < k:
-        raise ValueError(f"num_candidates={num_candidates} must be >= k={k}")
-
-
-def default_num_candidates(k: int) -> int:
-    """Candidates per shard: 10 x k (at least 100), capped at Elasticsearch's 10,000."""
-    return min(MAX_KNN, max(100, 10 * k))
-
-
-def ids_with_vector_body(vector_field_name: str, ids: Sequence[str]) -> dict[str, Any]:
-    """Which of ``ids`` already have this model's vector (used by backfills and deletes)."""
-    return {
-        "query": {"bool": {"filter": [{"ids": {"values": [str(i) for i in ids]}}, {"exists": {"field": vector_field_name}}]}},
-        "size": len(ids),
-        "_source": False,
-        "track_total_hits": False,
-    }
-
-
-# ---------------------------------------------------------------------------------------- reports
-
-
-@dataclass(frozen=True)
-class FailedDocument:
-    id: str
-    status: int
-    error: str
-
-
-@dataclass(frozen=True)
-class BulkReport:
-    """Outcome of a bulk run: how many documents succeeded and which failed, with why."""
-
-    n_ok: int = 0
-    failed: tuple[FailedDocument, ...] = ()
-    n_skipped: int = 0  # already indexed (backfill)
-
-    def summary(self) -> str:
-        text = f"{self.n_ok} document(s) indexed"
-        if self.n_skipped:
-            text += f", {self.n_skipped} already had the vector"
-        if self.failed:
-            first = "; ".join(f"{f.id}: {f.status} {f.error}" for f in self.failed[:3])
-            text += f", {len(self.failed)} failed (e.g. {first}); re-run to retry only the missing ones"
-        return text
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([vars(f) for f in self.failed], columns=["id", "status", "error"])
-
-
-def _failed_document(item: Mapping[str, Any]) -> FailedDocument:
-    (_, info), = item.items()
-    error = info.get("error", "")
-    if isinstance(error, Mapping):
-        error = f"{error.get('type', '')}: {error.get('reason', '')}".strip(": ")
-    return FailedDocument(str(info.get("_id", "")), int(info.get("status", 0) or 0), str(error)[:300])
-
-
-# ---------------------------------------------------------------------------------------- the index
 
 
 @register_index("elasticsearch")
@@ -900,6 +393,14 @@ class ElasticsearchIndex(VectorIndex):
 
 
 __all__ = [
+    "DEFAULT_INDEX",
+    "DEFAULT_URL",
+    "ENV_VARS",
+    "INDEX_TYPES",
+    "MAX_DIMS",
+    "MAX_KNN",
+    "RESERVED_FIELDS",
+    "START_HINT",
     "BulkIndexError",
     "BulkReport",
     "ElasticsearchConfig",
@@ -907,8 +408,11 @@ __all__ = [
     "FailedDocument",
     "bulk_remove_vector_actions",
     "bulk_upsert_actions",
+    "check_index_name",
     "check_knn_sizes",
+    "check_label_field",
     "connect",
+    "default_index_name",
     "default_num_candidates",
     "dense_vector_mapping",
     "ids_with_vector_body",
@@ -916,5 +420,7 @@ __all__ = [
     "knn_query",
     "knn_search_body",
     "load_es_config",
+    "mapping_differences",
     "vector_field",
+    "without_credentials",
 ]
