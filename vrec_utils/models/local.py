@@ -26,6 +26,8 @@ import torch
 from ._common import load_safetensors_file
 from .base import Embedder
 from .mini_siglip import (
+    IMAGE_TOWER_WEIGHTS,
+    TEXT_TOWER_WEIGHTS,
     LOCAL_MODEL_REMEDY,
     MODEL_JSON,
     file_digest,
@@ -170,6 +172,7 @@ def local_model_dir(name: str) -> Path | None:
     description="a model saved by `vrec finetune`: local:DIR (DIR/vrec_model.json, or DIR/model/)",
     has_text=True,
     offline=True,
+    weights_from=(IMAGE_TOWER_WEIGHTS, TEXT_TOWER_WEIGHTS),  # what a mini-siglip run needs; a SigLIP run carries its weights
 )
 def create_local(spec: str, weights: str | None = None, alpha: float | None = None) -> Embedder:
     if weights is not None:

@@ -45,6 +45,8 @@ from torch.nn import functional as F
 
 from ._common import load_safetensors_file
 from .base import Embedder
+from .efficientnet_lite import WEIGHTS as IMAGE_TOWER_WEIGHTS
+from .minilm import WEIGHTS as TEXT_TOWER_WEIGHTS
 from .registry import create_embedder, register_model
 
 FAMILY = "mini-siglip"
@@ -341,6 +343,7 @@ def base_heads(spec: HeadSpec = HeadSpec(), seed: int = 0) -> MiniSiglipHeads:
     "(untrained here: images = efficientnet-lite0; train with `vrec finetune --base mini-siglip`)",
     has_text=True,
     offline=True,
+    weights_from=(IMAGE_TOWER_WEIGHTS, TEXT_TOWER_WEIGHTS),
 )
 def create_mini_siglip(weights: str | None = None, alpha: float | None = None, seed: int = 0) -> MiniSiglipEmbedder:
     if weights is not None and weights != "random":

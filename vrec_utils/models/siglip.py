@@ -29,7 +29,7 @@ from ._common import (
 )
 from .base import ModelUnavailableError, SingleModelEmbedder
 from .hub import TOKENIZER_FILES, hf_hub_offline, require_hf_snapshot
-from .registry import register_model
+from .registry import WeightSource, register_model
 
 SIGLIP_BASE_REPO = "google/siglip-base-patch16-224"
 SIGLIP_BASE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *TOKENIZER_FILES)
@@ -128,6 +128,7 @@ def load_siglip_dir(name: str, directory: str | os.PathLike, weights_id: str) ->
     "siglip-base",
     description=f"SigLIP ViT-B/16 224 ({SIGLIP_BASE_REPO}, transformers); 768-d image and text embeddings",
     has_text=True,
+    weights_from=(WeightSource("hf", SIGLIP_BASE_REPO),),
 )
 def siglip_base_factory(weights: str | os.PathLike | None = None) -> SiglipEmbedder:
     """``weights``: None (hub cache or download), a directory with a local copy of the repo, or

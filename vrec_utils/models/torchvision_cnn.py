@@ -18,7 +18,7 @@ from ._common import (
 )
 from .base import SingleModelEmbedder
 from .hub import require_torch_hub_file
-from .registry import register_model
+from .registry import WeightSource, register_model
 
 
 class TorchvisionCNNEmbedder(SingleModelEmbedder):
@@ -40,6 +40,7 @@ class TorchvisionCNNEmbedder(SingleModelEmbedder):
     "resnet50",
     description="torchvision ResNet-50, ImageNet-1k V2 weights; 2048-d global-average-pooled features",
     has_text=False,
+    weights_from=(WeightSource("torchvision", ResNet50_Weights.IMAGENET1K_V2.url),),
 )
 def resnet50_factory(weights: str | os.PathLike | None = None) -> TorchvisionCNNEmbedder:
     """``weights``: None (torchvision IMAGENET1K_V2), a .pth/.safetensors file or a directory holding
