@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -52,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    import importlib
-
-    for name in _COMMANDS:
+    for name in _COMMANDS:  # imported here, not at `import vrec_utils.cli`: extract and finetune import torch
         try:
             module = importlib.import_module(f"vrec_utils.cli.{name}_cmd")
         except ModuleNotFoundError as exc:

@@ -11,7 +11,9 @@ from typing import Any
 
 import pandas as pd
 
-from ..store import DEFAULT_WORKDIR
+from ..catalog import CatalogError
+from ..images import ImageLoadError
+from ..store import DEFAULT_WORKDIR, CacheError, EmbeddingsNotFoundError
 
 
 class UserError(Exception):
@@ -20,10 +22,7 @@ class UserError(Exception):
 
 def error_types() -> tuple[type[BaseException], ...]:
     """Exceptions shown as a one-line message (exit 2) instead of a traceback."""
-    from ..catalog import CatalogError
-    from ..images import ImageLoadError
-    from ..models.base import ModelUnavailableError, TextNotSupportedError
-    from ..store import CacheError, EmbeddingsNotFoundError
+    from ..models.base import ModelUnavailableError, TextNotSupportedError  # imports torch: not at `import vrec_utils.cli`
 
     return (
         UserError,

@@ -12,6 +12,8 @@ import os
 import pickle
 from pathlib import Path
 
+from ..index import IndexBackendError
+from ..index.elasticsearch import BulkIndexError
 from ..redact import known_secrets, redact_text
 from ._common import error_types
 
@@ -125,9 +127,7 @@ def _plain(exc: BaseException, args: argparse.Namespace | None) -> str:
 
 
 def _vrec_types() -> tuple[type[BaseException], ...]:
-    from ..index import IndexBackendError
-    from ..index.elasticsearch import BulkIndexError
-    from ..models.base import UntrustedFileError
+    from ..models.base import UntrustedFileError  # imports torch: not at `import vrec_utils.cli`
 
     # IndexBackendError: server unavailable (also an OSError), index not found, other settings
     return (*error_types(), IndexBackendError, BulkIndexError, UntrustedFileError)

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import NotebookError, run_report
+    from ..report import NotebookError, run_report  # matplotlib and the notebook runner: not for every `vrec` command
 
     parameters = {key: value for key, value in (("k", args.k), ("label_column", args.label_column)) if value is not None}
     try:

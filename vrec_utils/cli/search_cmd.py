@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..catalog import load_catalog
+from ..search import recommend, search_by_image, search_by_text
 from ._common import UserError, add_allow_partial_arg, add_catalog_args, add_model_args, positive_int, print_frame
 from .index_cmd import add_backend_args, index_config
 
@@ -45,8 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_recommend(args: argparse.Namespace) -> int:
-    from ..search import recommend
-
     catalog = load_catalog(args.catalog)
     config = index_config(args)
     frame = recommend(
@@ -58,8 +57,6 @@ def run_recommend(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from ..search import search_by_image, search_by_text
-
     filters = {}
     for text in args.filter:
         column, sep, value = text.partition("=")

@@ -26,14 +26,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from ..catalog import Catalog
-    from ..store import Embeddings
+from ..catalog import Catalog
+from ..store import Embeddings
 
 INDEX_CONFIG = "index.json"
 FORMAT_VERSION = 1
@@ -539,7 +538,8 @@ def register_index(name: str) -> Callable[[type[VectorIndex]], type[VectorIndex]
 
 
 def _ensure_backends_imported() -> None:
-    # Backend modules register themselves on import; their client libraries load lazily.
+    # Backend modules register themselves on import: imported on first use, since they import this
+    # module (a cycle at module level) and faiss; their client libraries load lazily.
     for module in _BACKEND_MODULES:
         importlib.import_module(module)
 

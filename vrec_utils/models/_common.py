@@ -15,6 +15,8 @@ from typing import Any, Generic, TypeVar
 import torch
 from torchvision import transforms as T
 
+from .base import ModelUnavailableError, UntrustedFileError
+
 RANDOM = "random"  # the `weights` value that asks for the real architecture, random-initialised
 RANDOM_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -105,8 +107,6 @@ def hf_snapshot_source(repo_id: str, snapshot_dir: str | os.PathLike) -> str:
 
 def require_dir(weights: str | os.PathLike, expected: str) -> Path:
     """``weights`` as a directory, or ModelUnavailableError saying what it should hold."""
-    from .base import ModelUnavailableError
-
     path = Path(weights).expanduser()
     if not path.is_dir():
         raise ModelUnavailableError(f"--weights {weights}: expected a directory holding {expected}")
@@ -126,8 +126,6 @@ def torch_load_trusted(path: str | os.PathLike, remedy: str = WEIGHTS_REMEDY) ->
     whatever code the file holds)."""
     import pickle
 
-    from .base import UntrustedFileError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -138,8 +136,6 @@ def load_safetensors_file(path: str | os.PathLike, remedy: str = WEIGHTS_REMEDY)
     """A .safetensors file's tensors; a file that is not one raises :class:`UntrustedFileError`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .base import UntrustedFileError
 
     try:
         return load_file(str(path), device="cpu")
