@@ -127,21 +127,13 @@ def _shared_preprocessing(arch: str) -> dict[str, Any]:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in shared.items() if value is not None}
 
 
-@register_model(
-    "openclip:",
-    prefix=True,
-    description="any open_clip model: openclip:<arch>:<pretrained> (e.g. ViT-B-16-SigLIP:webli) or openclip:hf-hub:<org/repo>",
-    has_text=True,
-    weights_from=(WeightSource("open_clip"),),  # per model name
-)
-def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> OpenClipEmbedder:
-    """``weights``: None (the tag's / repo's weights), ``"random"`` (built-in arch only), a checkpoint
-    file, or a directory (an open_clip ``local-dir`` with ``open_clip_config.json``, or one checkpoint)."""
-    import open_clip
-
+def _open_clip_target(spec: str, weights: str | os.PathLike | None) -> tuple[str, str, str | None, dict[str, Any], str | None]:
+    """What open_clip builds for ``openclip:<spec>`` with ``weights``: (model name, hub repo,
+    pretrained tag or checkpoint, options, weights id; None until the hub's checkpoint is found)."""
     name = f"openclip:{spec}"
     options: dict[str, Any] = {}
     pretrained: str | None = None
+    weights_id: str | None = None
     if spec.startswith(HF_HUB):
         if is_random(weights):
             raise ValueError("weights='random' needs a built-in architecture: openclip:<arch>:<pretrained>")
@@ -171,6 +163,23 @@ def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> Ope
             )
         pretrained = str(find_weights_file(weights))
         weights_id = local_weights_id(pretrained)
+    return model_name, hub_repo, pretrained, options, weights_id
+
+
+@register_model(
+    "openclip:",
+    prefix=True,
+    description="any open_clip model: openclip:<arch>:<pretrained> (e.g. ViT-B-16-SigLIP:webli) or openclip:hf-hub:<org/repo>",
+    has_text=True,
+    weights_from=(WeightSource("open_clip"),),  # per model name
+)
+def openclip_factory(spec: str, weights: str | os.PathLike | None = None) -> OpenClipEmbedder:
+    """``weights``: None (the tag's / repo's weights), ``"random"`` (built-in arch only), a checkpoint
+    file, or a directory (an open_clip ``local-dir`` with ``open_clip_config.json``, or one checkpoint)."""
+    import open_clip
+
+    name = f"openclip:{spec}"
+    model_name, hub_repo, pretrained, options, weights_id = _open_clip_target(spec, weights)
     text_repo = hub_repo if model_name.startswith(HF_HUB) else _text_cfg(model_name).get("hf_tokenizer_name", "")
     cache_dir = hf_cache_dir()
 
