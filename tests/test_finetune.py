@@ -13,6 +13,7 @@ import torch
 
 from vrec_utils.catalog import Catalog, split_catalog
 from vrec_utils.train import (
+    ALPHA_GRID,
     PAPER_BIAS,
     PAPER_T_PRIME,
     FinetuneConfig,
@@ -246,7 +247,7 @@ def test_rows_without_title_are_skipped_and_counted(tiny_fashion, ft_workdir, tm
 
 def test_alpha_is_chosen_on_validation_and_reported(mini_run):
     table = mini_run.alpha_table
-    assert list(table["alpha"]) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert list(table["alpha"]) == list(ALPHA_GRID)
     assert mini_run.alpha in set(table["alpha"])
     best = table["val_ndcg@5"].max()
     chosen = table.loc[table["alpha"] == mini_run.alpha, "val_ndcg@5"].item()
@@ -338,7 +339,7 @@ def test_measure_finetune_end_to_end(mini_run, tiny_fashion, ft_workdir):
     assert checks["check"].str.startswith("in-domain").any() and checks["check"].str.contains("photometric").any()
     assert checks["check"].str.contains("no guard").any() and len(checks) == 5
     assert (checks["diff_ci_low"] <= checks["diff"]).all() and (checks["diff"] <= checks["diff_ci_high"]).all()
-    assert set(m.alpha_sweep["alpha"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert set(m.alpha_sweep["alpha"]) == set(ALPHA_GRID)
     eval_ids = set(m.eval_ids)
     assert set(m.text_results["item_id"]) <= eval_ids and len(m.text_results) == 5
     query = m.example_queries(tiny_fashion, 1)[0]

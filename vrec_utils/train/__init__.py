@@ -11,6 +11,8 @@ Modules, each importing only modules listed before it:
 * :mod:`.config`: :class:`FinetuneConfig`, everything that decides what a run learns;
 * :mod:`.pairs`: :func:`make_pairs`, the train/validation pairs from the train split only;
 * :mod:`.embed`: :func:`extract_finetuned_embeddings`, a tuned model's embeddings through the cache;
+* :mod:`.recipes`: robustness recipes (WiSE-FT interpolation, photo-like augmentations, the
+  shifted selection set split by sender) and :data:`RECIPES`, the study's named recipes;
 * :mod:`.pair_models`: the families as the loop sees them (mini-siglip on cached frozen-tower
   features; SigLIP/open_clip towers run in the loop, ``trainable`` picks heads/last blocks/all);
 * :mod:`.validation`: validation nDCG@5 and loss, the best epoch, the output mix ``alpha``;
@@ -20,7 +22,9 @@ Modules, each importing only modules listed before it:
 
 from .config import (
     LOSS_INIT,
+    MIXES,
     SCHEDULES,
+    SELECT_ON,
     SELECT_BY,
     TRAINABLE,
     FinetuneConfig,
@@ -28,9 +32,10 @@ from .config import (
 )
 from .embed import extract_finetuned_embeddings
 from .loop import CHECKPOINT, FinetuneResult, finetune, lr_factor
-from .loss import PAPER_BIAS, PAPER_T_PRIME, SigmoidLoss, sigmoid_loss
+from .loss import PAPER_BIAS, PAPER_T_PRIME, SigmoidLoss, sigmoid_loss, similarity_distillation
 from .pair_models import PairModel, create_pair_model, select_parameters
 from .pairs import PairSet, make_pairs, title_series
+from .recipes import RECIPES, SelectionSet, interpolate_state, photo_augment, recipe_config, shift_halves
 from .runs import default_run_dir, ensure_finetuned, find_finetuned, load_result
 from .validation import ALPHA_GRID, choose_alpha, label_ndcg
 
@@ -39,4 +44,6 @@ __all__ = [
     "FinetuneConfig", "FinetuneResult", "PairModel", "PairSet", "SigmoidLoss", "choose_alpha", "create_pair_model",
     "default_run_dir", "ensure_finetuned", "find_finetuned", "extract_finetuned_embeddings", "finetune", "label_ndcg", "load_result",
     "lr_factor", "make_pairs", "parse_exclude", "select_parameters", "sigmoid_loss", "title_series",
+    "MIXES", "RECIPES", "SELECT_ON", "SelectionSet", "interpolate_state", "photo_augment", "recipe_config", "shift_halves",
+    "similarity_distillation",
 ]  # fmt: skip

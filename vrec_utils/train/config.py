@@ -13,6 +13,8 @@ TRAINABLE = ("heads", "last", "all")
 SCHEDULES = ("cosine", "linear", "constant")
 SELECT_BY = ("val_ndcg", "val_loss", "last")
 LOSS_INIT = ("paper", "model")
+MIXES = ("output", "weights")  # output: alpha mix of embeddings; weights: WiSE-FT interpolation of the image head
+SELECT_ON = ("val", "shift")  # where the mix coefficient is chosen: in-domain validation, or a shifted selection set
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,41 @@ class FinetuneConfig:
     # -- mini-siglip heads
     image_rank: int | None = None  # None: full-rank residual image head; else low rank
     text_hidden: int | None = None  # None: linear text head; else MLP width
+    # -- robustness recipe (mini-siglip; see vrec_utils.train.recipes)
+    recipe: str = "alpha-mix"  # the recipe's name, recorded in the saved model
+    mix: str = "output"  # output: alpha output mix; weights: WiSE-FT (image head update scaled by the coefficient)
+    distill: float = 0.0  # weight of the in-batch image-image similarity distillation term (0: off)
+    probe_epochs: int = 0  # first epochs train the text head only (image head stays the identity): LP-FT
+    augment_views: int = 0  # precomputed photo-like augmented views per training image (0: off)
+    augment_max_items: int | None = 3000  # training items that get augmented views (a seeded subset)
+    select_on: str = "val"  # val: coefficient chosen on in-domain validation; shift: also on a shifted selection set
+    shift_catalog: str | None = None  # the shifted catalog whose selection half chooses the coefficient
+    shift_label: str = "label"
+    shift_group: str = "sender_id"  # the shifted catalog is split by this column into selection / reported halves
+    shift_seed: int = 0
+    shift_tolerance: float = 0.0  # coefficients may lose at most this much nDCG@5 on the selection half vs the base
 
     def __post_init__(self) -> None:
         _choice("trainable", self.trainable, TRAINABLE)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("select_by", self.select_by, SELECT_BY)
         _choice("loss_init", self.loss_init, LOSS_INIT)
+        _choice("mix", self.mix, MIXES)
+        _choice("select_on", self.select_on, SELECT_ON)
+        if self.select_on == "shift" and not self.shift_catalog:
+            raise ValueError("select_on='shift' needs shift_catalog (a shifted catalog with labels and a group column)")
+        if self.mix == "weights" and self.alpha is not None:
+            raise ValueError("alpha is the output mix; with mix='weights' the interpolation coefficient is chosen on selection")
+        for name in ("distill", "shift_tolerance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("probe_epochs", "augment_views"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.probe_epochs >= self.epochs:
+            raise ValueError(f"probe_epochs ({self.probe_epochs}) must be below epochs ({self.epochs})")
+        if self.augment_max_items is not None and self.augment_max_items < 1:
+            raise ValueError(f"augment_max_items must be >= 1 or None, got {self.augment_max_items}")
         for name in ("epochs", "batch_size", "last_blocks"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -292,11 +292,14 @@ def _train_epoch(epoch: int, opt: Optimisation, state: LoopState, rows: _Positio
         torch.manual_seed(_epoch_seed(config.seed, epoch))
         order = torch.randperm(len(rows.train), generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))).numpy()
         model.train_mode(True)
+        model.start_epoch(epoch)
         for batch in model.batches(rows.train[order], config.batch_size):
-            img, txt = model.forward(batch)
+            img, txt, reg = model.forward_train(batch)
             if img.shape[0] < 2:
                 continue  # a lone last pair has no negative
             loss = sigmoid_loss(img, txt, loss_fn.t_prime, loss_fn.bias, normalize=False)
+            if reg is not None:
+                loss = loss + config.distill * reg
             opt.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -338,7 +341,8 @@ def _finish(run: _Run, opt: Optimisation, state: LoopState, rows: _Positions, wa
     hist = pd.DataFrame(state.history)
     steps = pd.DataFrame(state.steps, columns=["step", "epoch", "loss", "lr"])
     info = _run_info(run, opt, state, rows)
-    model.save(model_dir, alpha=alpha, loss=loss_fn, extra={"base": run.base, "config": config.to_dict(), "run": info})
+    info["recipe"] = recipe_record(config, alpha, model, len(rows.ndcg))
+    model.save(model_dir, alpha=alpha, loss=loss_fn, extra={"base": run.base, "config": config.to_dict(), "run": info, "recipe": info["recipe"]})
     (model_dir / "config.json").write_text(json.dumps({"base": run.base, **config.to_dict()}, indent=2))
     run.pairs.save(model_dir / "split.json")
     run.pairs.save(run.out / "split.json")
@@ -370,6 +374,17 @@ def _finish(run: _Run, opt: Optimisation, state: LoopState, rows: _Positions, wa
         resumed_from_epoch=run.start_epoch,
         info=info,
     )
+
+
+def recipe_record(config: FinetuneConfig, coefficient: float | None, model: PairModel, n_val: int) -> dict[str, Any]:
+    """What the saved model records about its recipe and the set that chose its coefficient."""
+    in_domain = {"catalog": "validation part of the train split", "n_items": n_val, "label": config.label}
+    chose = "fixed by config.alpha" if config.alpha is not None else ("shift selection half + validation" if model.selection else "validation")
+    return {
+        "name": config.recipe, "mix": config.mix, "coefficient": coefficient, "distill": config.distill,
+        "probe_epochs": config.probe_epochs, "augment_views": config.augment_views, "chosen_by": chose,
+        "selection": {"in_domain": in_domain, **({"shift": model.selection.describe()} if model.selection else {})},
+    }  # fmt: skip
 
 
 def _run_info(run: _Run, opt: Optimisation, state: LoopState, rows: _Positions) -> dict[str, Any]:

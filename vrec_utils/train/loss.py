@@ -52,3 +52,23 @@ class SigmoidLoss(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         return sigmoid_loss(img, txt, self.t_prime, self.bias)
+
+
+def similarity_distillation(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the tuned and the base model's in-batch image-image
+    cosine similarities, over the off-diagonal pairs (i != j) of the ``(n, n)`` matrices::
+
+        S_ij = <tuned_i, tuned_j> / (|tuned_i| |tuned_j|),   T_ij likewise for ``base``
+        loss = 1 / (n (n - 1)) * sum_{i != j} (S_ij - T_ij)^2
+
+    The base side carries no gradient (it is the frozen model)."""
+    if tuned.ndim != 2 or base.ndim != 2 or tuned.shape[0] != base.shape[0]:
+        raise ValueError(f"tuned and base must be (n, d) with the same n, got {tuple(tuned.shape)} and {tuple(base.shape)}")
+    n = tuned.shape[0]
+    if n < 2:
+        return tuned.sum() * 0.0
+    tuned = F.normalize(tuned, dim=-1)
+    base = F.normalize(base.detach(), dim=-1)
+    diff = tuned @ tuned.T - base @ base.T
+    off = ~torch.eye(n, dtype=torch.bool, device=tuned.device)
+    return diff[off].pow(2).mean()

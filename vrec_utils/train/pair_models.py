@@ -36,8 +36,9 @@ from ..models import mini_siglip as ms
 from ..models.local import LOCAL_SCHEME, TunedEmbedder, load_local_model, local_model_dir, save_tuned
 from .config import FinetuneConfig
 from .embed import extract_finetuned_embeddings
-from .loss import SigmoidLoss
+from .loss import SigmoidLoss, similarity_distillation
 from .pairs import PairSet, title_series
+from .recipes import SelectionSet, augmented_features, interpolate_state, load_selection_set, wise_ft_heads
 
 
 class PairModel(ABC):
@@ -58,6 +59,16 @@ class PairModel(ABC):
     @abstractmethod
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised (image, text) embeddings of a batch."""
+
+    def forward_train(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A training step's (image, text) embeddings and its regulariser (None: no recipe term)."""
+        return (*self.forward(batch), None)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (recipes with phases switch parameters here)."""
+
+    #: the shifted selection set that chooses the coefficient (recipes with ``select_on="shift"``)
+    selection: SelectionSet | None = None
 
     @abstractmethod
     def image_embeddings(self, positions: np.ndarray, alpha: float | None = None) -> np.ndarray:
@@ -147,6 +158,25 @@ class MiniSiglipPairs(PairModel):
             )
         self.heads = heads.to(device)
         self.x, self.t = self.x.to(device), self.t.to(device)
+        self.config = config
+        self.initial_state = {k: v.detach().clone() for k, v in self.heads.state_dict().items()}  # WiSE-FT's "base"
+        self.views, self.n_views = self._augmented_views(catalog, workdir, progress)
+        self.selection = load_selection_set(config, workdir, self.image_tower, progress)
+        if self.selection is not None:
+            self.selection = dataclasses.replace(self.selection, features=self.selection.features.to(device))
+
+    def _augmented_views(self, catalog: Catalog, workdir: Path, progress: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(rows, max views, dim) features of the augmented views of training rows and how many each has."""
+        feats = augmented_features(catalog, self.ids[: self.n_train], self.config, workdir, self.image_tower, progress)
+        if not feats:
+            return None, None
+        views = torch.zeros(self.n_train, self.config.augment_views, self.x.shape[1])
+        counts = torch.zeros(self.n_train, dtype=torch.long)
+        for row, item_id in enumerate(self.ids[: self.n_train]):
+            if item_id in feats:
+                counts[row] = len(feats[item_id])
+                views[row, : counts[row]] = torch.from_numpy(feats[item_id])
+        return views.to(self.device), counts.to(self.device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
@@ -159,10 +189,46 @@ class MiniSiglipPairs(PairModel):
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads.tuned_image(self.x[batch]), self.heads.text(self.t[batch])
 
+    def forward_train(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """With augmented views, each training image is one of its views, drawn uniformly (the
+        original included) from the torch RNG the loop seeds per epoch; with ``distill``, the
+        regulariser compares the tuned similarities with the base features' (the base model)."""
+        x = self.x[batch]
+        if self.views is not None:
+            n_views = self.n_views[batch]
+            pick = (torch.rand(len(batch), device=self.device) * (n_views + 1).float()).long()  # 0: the original
+            use = pick > 0
+            if use.any():
+                x = x.clone()
+                x[use] = self.views[batch[use], pick[use] - 1]
+        img = self.heads.tuned_image(x)
+        reg = similarity_distillation(img, x) if self.config.distill > 0 else None
+        return img, self.heads.text(self.t[batch]), reg
+
+    def start_epoch(self, epoch: int) -> None:
+        """LP-FT: during the first ``probe_epochs`` only the text head trains."""
+        probing = epoch <= self.config.probe_epochs
+        for param in self.heads.image_head.parameters():
+            param.requires_grad_(not probing)
+
+    def embed_features(self, x: torch.Tensor, coefficient: float) -> torch.Tensor:
+        """Served image embeddings of features ``x`` at mix ``coefficient`` (``config.mix``):
+        the output mix alpha, or WiSE-FT, the image head interpolated from its initial weights."""
+        if self.config.mix == "output":
+            return self.heads.image(x, coefficient)
+        prefix = "image_head."
+        state = interpolate_state(self.initial_state, self.heads.state_dict(), coefficient, prefix)
+        head_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        return F.normalize(torch.func.functional_call(self.heads.image_head, head_state, (x,)), dim=-1)
+
+    def mixed_heads(self, coefficient: float) -> ms.MiniSiglipHeads:
+        """A copy of the heads with the image head interpolated (WiSE-FT) at ``coefficient``."""
+        return wise_ft_heads(self.initial_state, self.heads, coefficient)
+
     @torch.no_grad()
     def image_embeddings(self, positions: np.ndarray, alpha: float | None = None) -> np.ndarray:
         x = self.x[torch.as_tensor(positions, dtype=torch.long, device=self.device)]
-        return self.heads.image(x, 1.0 if alpha is None else alpha).cpu().numpy()
+        return self.embed_features(x, 1.0 if alpha is None else alpha).cpu().numpy()
 
     def train_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.heads.state_dict().items()}
@@ -179,14 +245,19 @@ class MiniSiglipPairs(PairModel):
     def save(self, directory: Path, *, alpha: float | None, loss: SigmoidLoss, extra: dict[str, Any]) -> None:
         towers = ms.tower_ids(self.image_tower, self.text_tower)
         extra = {**extra, "logit": {"t_prime": float(loss.t_prime.detach()), "bias": float(loss.bias.detach())}}
-        ms.save_mini_siglip(directory, self.heads.cpu(), alpha=1.0 if alpha is None else alpha, towers=towers, extra=extra)
+        coefficient = 1.0 if alpha is None else alpha
+        if self.config.mix == "weights":  # WiSE-FT: the interpolated weights are the model, served unmixed
+            ms.save_mini_siglip(directory, self.mixed_heads(coefficient).cpu(), alpha=1.0, towers=towers, extra=extra)
+            return
+        ms.save_mini_siglip(directory, self.heads.cpu(), alpha=coefficient, towers=towers, extra=extra)
         self.heads.to(self.device)
 
     def warm_cache(self, model_name: str, model_dir: Path, workdir: Path, catalog: Catalog, device: torch.device) -> int:
         return len(extract_finetuned_embeddings(catalog, model_name, workdir, device=device, progress=False))
 
     def describe(self) -> dict[str, Any]:
-        return {"heads": dataclasses.asdict(self.heads.spec), "feature_seconds": round(self.feature_seconds, 3)}
+        augmented = int((self.n_views > 0).sum()) if self.n_views is not None else 0
+        return {"heads": dataclasses.asdict(self.heads.spec), "feature_seconds": round(self.feature_seconds, 3), "augmented_items": augmented}
 
 
 _HEAD_PATTERN = re.compile(
@@ -367,6 +438,13 @@ def create_pair_model(
             f"base model {base!r} has no text tower, so it cannot be trained on image-title pairs with the "
             "sigmoid loss; use a vision-language base: mini-siglip (offline), siglip-base, an openclip:... model, "
             "or tiny-siglip / tiny-openclip for tests"
+        )
+    recipe = {"mix": config.mix != "output", "distill": config.distill > 0, "probe_epochs": config.probe_epochs > 0,
+              "augment_views": config.augment_views > 0, "select_on": config.select_on != "val"}  # fmt: skip
+    if any(recipe.values()):
+        raise ValueError(
+            f"recipe setting(s) {', '.join(k for k, v in recipe.items() if v)} apply to mini-siglip (heads on cached "
+            f"features) only; base {base!r} trains its towers directly"
         )
     return TowerPairs(base, catalog, pairs, config, workdir, device, progress)
 

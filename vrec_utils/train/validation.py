@@ -18,7 +18,7 @@ from .config import FinetuneConfig
 from .loss import SigmoidLoss, sigmoid_loss
 from .pair_models import PairModel
 
-ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+ALPHA_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # mix coefficients tried (output mix or WiSE-FT)
 
 
 @dataclass
@@ -105,20 +105,41 @@ def update_best(
     return improved
 
 
-def choose_alpha(model: PairModel, val_pos: np.ndarray, labels: np.ndarray | None, config: FinetuneConfig) -> tuple[float | None, pd.DataFrame]:
-    """The output mix of a model that has one (mini-siglip): ``config.alpha`` when set, else the
-    smallest alpha in :data:`ALPHA_GRID` whose validation nDCG@5 is within
-    ``config.alpha_tolerance`` of the best (prefer the base when tuning buys little: the guard
-    against forgetting). Without labels: 0.5. Returns (alpha, table of alpha vs val nDCG@5)."""
+def choose_alpha(
+    model: PairModel, val_pos: np.ndarray, labels: np.ndarray | None, config: FinetuneConfig
+) -> tuple[float | None, pd.DataFrame]:
+    """The mix coefficient of a model that has one (mini-siglip; output mix alpha or WiSE-FT
+    weight, ``config.mix``) and the table it was chosen from (``alpha``, ``val_ndcg@5`` and, when
+    the model has a shifted selection set, ``shift_select_ndcg@5``).
+
+    * ``config.alpha`` when set;
+    * in-domain only (``select_on="val"``): the smallest coefficient in :data:`ALPHA_GRID` whose
+      validation nDCG@5 is within ``config.alpha_tolerance`` of the best (prefer the base when
+      tuning buys little: the guard against forgetting); without labels 0.5;
+    * with a selection set (``select_on="shift"``): the same rule among the coefficients whose
+      nDCG@5 on the shifted *selection half* is at least the base's (coefficient 0) minus
+      ``config.shift_tolerance``; the reported half is never scored here.
+    """
     if not model.supports_alpha():
         return None, pd.DataFrame(columns=["alpha", "val_ndcg@5"])
+    selection = model.selection
     rows = []
-    if labels is not None:
-        rows = [{"alpha": a, "val_ndcg@5": label_ndcg(model.image_embeddings(val_pos, a), labels)} for a in ALPHA_GRID]
-    table = pd.DataFrame(rows, columns=["alpha", "val_ndcg@5"])
+    if labels is not None or selection is not None:
+        for a in ALPHA_GRID:
+            row = {"alpha": a, "val_ndcg@5": label_ndcg(model.image_embeddings(val_pos, a), labels) if labels is not None else float("nan")}
+            if selection is not None:
+                with torch.no_grad():
+                    vectors = model.embed_features(selection.features, a).cpu().numpy()
+                row["shift_select_ndcg@5"] = label_ndcg(vectors, selection.labels)
+            rows.append(row)
+    table = pd.DataFrame(rows, columns=["alpha", "val_ndcg@5"] + (["shift_select_ndcg@5"] if selection is not None else []))
     if config.alpha is not None:
         return float(config.alpha), table
-    if table.empty or table["val_ndcg@5"].isna().all():
-        return 0.5, table
-    best = table["val_ndcg@5"].max()
-    return float(table.loc[table["val_ndcg@5"] >= best - config.alpha_tolerance, "alpha"].min()), table
+    allowed = table
+    if selection is not None and not table.empty:
+        floor = table.loc[table["alpha"] == 0.0, "shift_select_ndcg@5"].item() - config.shift_tolerance
+        allowed = table[table["shift_select_ndcg@5"] >= floor]
+    if allowed.empty or allowed["val_ndcg@5"].isna().all():
+        return (0.5 if selection is None else float(allowed["alpha"].max())) if not allowed.empty else 0.0, table
+    best = allowed["val_ndcg@5"].max()
+    return float(allowed.loc[allowed["val_ndcg@5"] >= best - config.alpha_tolerance, "alpha"].min()), table

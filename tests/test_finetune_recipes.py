@@ -1,0 +1,221 @@
+"""Robustness recipes of mini-SigLIP fine-tuning: each piece against a direct computation, WiSE-FT
+endpoints, the shifted selection set (never the reported items), saved recipe models."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vrec_utils.catalog import load_catalog, split_catalog
+from vrec_utils.models import create_embedder
+from vrec_utils.models import mini_siglip as ms
+from vrec_utils.train import (
+    FinetuneConfig,
+    finetune,
+    interpolate_state,
+    label_ndcg,
+    photo_augment,
+    recipe_config,
+    shift_halves,
+    similarity_distillation,
+)
+from vrec_utils.train.recipes import wise_ft_heads
+
+FAST = FinetuneConfig(epochs=3, batch_size=32, lr=3e-3, warmup_steps=2, val_fraction=0.2, eval_fraction=0.25)
+
+
+def reference_distillation(tuned: np.ndarray, base: np.ndarray) -> float:
+    """Straight from the definition: mean over i != j of (cos(t_i, t_j) - cos(b_i, b_j))^2."""
+    n, total = len(tuned), 0.0
+    cos = lambda u, v: float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))  # noqa: E731
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                total += (cos(tuned[i], tuned[j]) - cos(base[i], base[j])) ** 2
+    return total / (n * (n - 1))
+
+
+@pytest.mark.parametrize("n, d", [(2, 3), (6, 8), (9, 5)])
+def test_similarity_distillation_matches_direct_computation(n, d):
+    rng = np.random.default_rng(n)
+    tuned, base = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    got = similarity_distillation(torch.tensor(tuned), torch.tensor(base))
+    assert float(got) == pytest.approx(reference_distillation(tuned, base), rel=1e-10)
+
+
+def test_similarity_distillation_is_zero_for_the_base_and_trains_the_tuned_side_only():
+    base = torch.randn(5, 4, requires_grad=True)
+    assert float(similarity_distillation(base * 3.0, base).detach()) == pytest.approx(0.0, abs=1e-12)  # scale-free
+    tuned = torch.randn(5, 4, requires_grad=True)
+    similarity_distillation(tuned, base).backward()
+    assert tuned.grad is not None and tuned.grad.abs().sum() > 0 and base.grad is None
+    with pytest.raises(ValueError, match="same n"):
+        similarity_distillation(torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+def test_interpolate_state_endpoints_are_exact_and_the_middle_is_linear():
+    g = torch.Generator().manual_seed(0)
+    base = {"image_head.up.weight": torch.randn(4, 4, generator=g), "image_head.up.bias": torch.randn(4, generator=g), "text_head.w": torch.randn(3, generator=g)}
+    tuned = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    at0 = interpolate_state(base, tuned, 0.0, prefix="image_head.")
+    at1 = interpolate_state(base, tuned, 1.0, prefix="image_head.")
+    mid = interpolate_state(base, tuned, 0.3, prefix="image_head.")
+    for key in base:
+        expected0 = base[key] if key.startswith("image_head.") else tuned[key]
+        assert torch.equal(at0[key], expected0) and torch.equal(at1[key], tuned[key])
+    w = "image_head.up.weight"
+    torch.testing.assert_close(mid[w], 0.7 * base[w] + 0.3 * tuned[w])
+    assert torch.equal(mid["text_head.w"], tuned["text_head.w"])  # outside the prefix: the tuned tensor
+    with pytest.raises(ValueError, match="coefficient"):
+        interpolate_state(base, tuned, 1.5)
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_wise_ft_at_0_and_1_reproduces_the_base_and_the_tuned_model_exactly(rank):
+    spec = ms.HeadSpec(image_dim=16, text_dim=8, image_rank=rank)
+    heads = ms.MiniSiglipHeads(spec, seed=0)
+    initial = {k: v.clone() for k, v in heads.state_dict().items()}
+    with torch.no_grad():  # "training": move every tensor
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x = torch.nn.functional.normalize(torch.randn(7, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    at0, at1 = wise_ft_heads(initial, heads, 0.0), wise_ft_heads(initial, heads, 1.0)
+    assert torch.equal(at0.image(x, 1.0), torch.nn.functional.normalize(x, dim=-1))  # the base (identity) model
+    assert torch.equal(at1.image(x, 1.0), heads.image(x, 1.0))  # the tuned model
+    t = torch.randn(2, 8)
+    assert torch.equal(at0.text(t), heads.text(t))  # the text head stays tuned
+    assert not torch.equal(wise_ft_heads(initial, heads, 0.5).image(x, 1.0), heads.image(x, 1.0))
+
+
+def test_photo_augment_is_seeded_keeps_size_and_replaces_the_backdrop(sample_catalog):
+    from vrec_utils.images import load_rgb
+
+    image = load_rgb(sample_catalog.image_path(sample_catalog.ids[0]))
+    a = photo_augment(image, np.random.default_rng(3))
+    b = photo_augment(image, np.random.default_rng(3))
+    c = photo_augment(image, np.random.default_rng(4))
+    assert a.size == image.size and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    white = lambda im: float((np.asarray(im) >= 245).all(axis=-1).mean())  # noqa: E731
+    assert white(image) > 0.2 and white(a) < 0.5 * white(image)
+
+
+# ---------------------------------------------------------------------- the shifted selection set
+
+
+@pytest.fixture(scope="session")
+def shifted_catalog(sample_catalog, tmp_path_factory):
+    """48 sample images not in ``tiny_fashion``, in the clothing-dev layout (label, sender_id; 12 senders)."""
+    folder = tmp_path_factory.mktemp("shifted")
+    (folder / "images").mkdir()
+    ids = sample_catalog.ids[150:198]
+    rows = []
+    for n, item_id in enumerate(ids):
+        shutil.copy(sample_catalog.image_path(item_id), folder / "images" / f"{item_id}.jpg")
+        rows.append({"id": f"s{item_id}", "image": f"images/{item_id}.jpg", "label": sample_catalog.items.at[item_id, "masterCategory"], "sender_id": str(n % 12)})
+    pd.DataFrame(rows).to_csv(folder / "catalog.csv", index=False)
+    return load_catalog(folder / "catalog.csv")
+
+
+def test_shift_halves_split_by_sender_seeded_and_disjoint(shifted_catalog):
+    select, report = shift_halves(shifted_catalog, "sender_id", seed=0)
+    assert set(select).isdisjoint(report) and set(select) | set(report) == set(shifted_catalog.ids)
+    senders = shifted_catalog.items["sender_id"]
+    assert set(senders.loc[list(select)]).isdisjoint(senders.loc[list(report)])
+    assert shift_halves(shifted_catalog, "sender_id", seed=0) == (select, report)
+    assert shift_halves(shifted_catalog, "sender_id", seed=1) != (select, report)
+    assert 0.2 < len(select) / len(shifted_catalog) < 0.8
+
+
+@pytest.fixture(scope="session")
+def recipe_run(sample_catalog, shifted_catalog, tmp_path_factory):
+    """A run with every recipe piece on: WiSE-FT chosen on the shift selection half, distillation,
+    LP-FT, augmented views. Records every catalog whose image features are extracted."""
+    import vrec_utils.train.recipes as recipes
+
+    seen: list[list[str]] = []
+    real = recipes.extract_image_embeddings
+
+    def spy(catalog, *args, **kwargs):
+        seen.append(list(catalog.ids))
+        return real(catalog, *args, **kwargs)
+
+    recipes.extract_image_embeddings = spy
+    try:
+        config = dataclasses.replace(
+            recipe_config("distill + augment, wise-ft on shift", FAST, shifted_catalog.root / "catalog.csv"),
+            probe_epochs=1, augment_max_items=20,
+        )
+        work = tmp_path_factory.mktemp("recipe-work")
+        catalog = sample_catalog.head(128)
+        result = finetune(catalog, "mini-siglip", work / "run", workdir=work, config=config, device="cpu", progress=False)
+    finally:
+        recipes.extract_image_embeddings = real
+    return result, catalog, seen, work
+
+
+def test_selection_never_sees_reported_or_evaluation_items(recipe_run, shifted_catalog):
+    result, catalog, seen, _ = recipe_run
+    select, report = shift_halves(shifted_catalog, "sender_id", seed=0)
+    shifted_calls = [ids for ids in seen if ids and ids[0].startswith("s")]
+    assert shifted_calls, "the selection set was never embedded"
+    for ids in shifted_calls:  # only the selection half is ever embedded for selection
+        assert set(ids) <= set(select) and set(ids).isdisjoint(report)
+    eval_ids = set(split_catalog(catalog, FAST.eval_fraction, FAST.split_seed).eval)
+    augmented_sources = {i.rsplit("~aug", 1)[0] for ids in seen for i in ids if "~aug" in i}
+    assert augmented_sources and augmented_sources.isdisjoint(eval_ids)  # no augmented view of an evaluation item
+    recorded = json.loads((result.model_dir / "vrec_model.json").read_text())["recipe"]
+    shift = recorded["selection"]["shift"]
+    assert shift["ids_sha256"] == hashlib.sha256("\n".join(select).encode()).hexdigest()
+    assert shift["n_reported_items"] == len(report) and set(shift["groups"]).isdisjoint(shifted_catalog.items.loc[list(report), "sender_id"])
+
+
+def test_coefficient_holds_on_the_selection_half_and_is_recorded(recipe_run):
+    result, *_ = recipe_run
+    table = result.alpha_table
+    assert {"alpha", "val_ndcg@5", "shift_select_ndcg@5"} <= set(table.columns)
+    base = table.loc[table["alpha"] == 0.0, "shift_select_ndcg@5"].item()
+    chosen = table.loc[table["alpha"] == result.alpha]
+    assert chosen["shift_select_ndcg@5"].item() >= base
+    recorded = json.loads((result.model_dir / "vrec_model.json").read_text())
+    assert recorded["recipe"]["name"] == "distill + augment, wise-ft on shift"
+    assert recorded["recipe"]["mix"] == "weights" and recorded["recipe"]["coefficient"] == result.alpha
+    assert recorded["alpha"] == 1.0  # WiSE-FT: the interpolated weights are served unmixed
+    assert result.info["augmented_items"] == 20
+
+
+def test_saved_recipe_model_reloads_and_embeds_identically(recipe_run):
+    """The reloaded model reproduces the validation score its coefficient was chosen with, and
+    embeds the same features identically on a second load."""
+    from vrec_utils.store import load_embeddings
+
+    result, catalog, _, work = recipe_run
+    val_ids = json.loads((result.out / "split.json").read_text())["finetune_val"]
+    features = load_embeddings(work, catalog, "efficientnet-lite0").vectors_for(val_ids)
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    first, second = create_embedder(result.model_name, device="cpu"), create_embedder(result.model_name, device="cpu")
+    with torch.no_grad():
+        a, b = first.image_from_features(x).numpy(), second.image_from_features(x).numpy()
+    assert np.array_equal(a, b)
+    labels = catalog.items.loc[val_ids, FAST.label].astype(str).to_numpy()
+    expected = result.alpha_table.loc[result.alpha_table["alpha"] == result.alpha, "val_ndcg@5"].item()
+    assert label_ndcg(a, labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_recipes_refuse_tower_bases_and_bad_settings(sample_catalog, tmp_path):
+    with pytest.raises(ValueError, match="shift_catalog"):
+        FinetuneConfig(select_on="shift")
+    with pytest.raises(ValueError, match="probe_epochs"):
+        FinetuneConfig(epochs=2, probe_epochs=2)
+    with pytest.raises(KeyError, match="unknown recipe"):
+        recipe_config("nope")
+    config = dataclasses.replace(FAST, trainable="last", distill=1.0, epochs=1)
+    with pytest.raises(ValueError, match="distill"):
+        finetune(sample_catalog.head(32), "tiny-siglip", tmp_path, workdir=tmp_path, config=config, device="cpu", progress=False)
