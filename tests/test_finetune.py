@@ -336,7 +336,7 @@ def test_measure_finetune_end_to_end(mini_run, tiny_fashion, ft_workdir):
     )
     assert m.tuned_model == mini_run.model_name  # the finished run is reused, not retrained
     checks = m.checks_table()
-    assert checks["check"].str.startswith("in-domain").any() and checks["check"].str.contains("photometric").any()
+    assert checks["check"].str.startswith("in-domain").any() and checks["check"].str.contains("synthetic photo shift").any()
     assert checks["check"].str.contains("no guard").any() and len(checks) == 5
     assert (checks["diff_ci_low"] <= checks["diff"]).all() and (checks["diff"] <= checks["diff_ci_high"]).all()
     assert set(m.alpha_sweep["alpha"]) == set(ALPHA_GRID)

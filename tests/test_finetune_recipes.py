@@ -150,7 +150,7 @@ def recipe_run(sample_catalog, shifted_catalog, tmp_path_factory):
     recipes.extract_image_embeddings = spy
     try:
         config = dataclasses.replace(
-            recipe_config("distill + augment, wise-ft on shift", FAST, shifted_catalog.root / "catalog.csv"),
+            recipe_config("distill-augment-wise-ft-shift", FAST, shifted_catalog.root / "catalog.csv"),
             probe_epochs=1, augment_max_items=20,
         )
         work = tmp_path_factory.mktemp("recipe-work")
@@ -185,7 +185,7 @@ def test_coefficient_holds_on_the_selection_half_and_is_recorded(recipe_run):
     chosen = table.loc[table["alpha"] == result.alpha]
     assert chosen["shift_select_ndcg@5"].item() >= base
     recorded = json.loads((result.model_dir / "vrec_model.json").read_text())
-    assert recorded["recipe"]["name"] == "distill + augment, wise-ft on shift"
+    assert recorded["recipe"]["name"] == "distill-augment-wise-ft-shift"
     assert recorded["recipe"]["mix"] == "weights" and recorded["recipe"]["coefficient"] == result.alpha
     assert recorded["alpha"] == 1.0  # WiSE-FT: the interpolated weights are served unmixed
     assert result.info["augmented_items"] == 20
@@ -219,3 +219,35 @@ def test_recipes_refuse_tower_bases_and_bad_settings(sample_catalog, tmp_path):
     config = dataclasses.replace(FAST, trainable="last", distill=1.0, epochs=1)
     with pytest.raises(ValueError, match="distill"):
         finetune(sample_catalog.head(32), "tiny-siglip", tmp_path, workdir=tmp_path, config=config, device="cpu", progress=False)
+
+
+# ------------------------------------------------------------------------------ both sides
+
+
+def _sides(in_low, in_high, shift=None):
+    rows = [{"model": "m", "side": "in-domain", "set": "eval", "diff": (in_low + in_high) / 2, "ci_low": in_low, "ci_high": in_high}]
+    if shift is not None:
+        rows.append({"model": "m", "side": "shift", "set": "photos", "diff": sum(shift) / 2, "ci_low": shift[0], "ci_high": shift[1]})
+    return pd.DataFrame(rows)
+
+
+def test_verdict_says_holds_only_when_both_intervals_say_so():
+    from vrec_utils.studies.recipe_study import verdict
+
+    assert verdict(_sides(0.01, 0.03, (-0.005, 0.02))).startswith("gains in-domain and holds under shift")
+    assert verdict(_sides(0.01, 0.03, (-0.03, 0.01))).startswith("gains in-domain, but may lose under shift")
+    assert not verdict(_sides(0.01, 0.03, (-0.031, -0.017))).startswith("gains in-domain and holds")
+    assert not verdict(_sides(-0.01, 0.03, (0.01, 0.02))).startswith("gains in-domain and holds")  # no in-domain gain
+    assert "not measured" in verdict(_sides(0.01, 0.03))
+
+
+def test_both_sides_reports_the_reported_half_only(recipe_run, shifted_catalog):
+    from vrec_utils.studies.recipe_study import both_sides
+
+    result, catalog, _, work = recipe_run
+    sides = both_sides(catalog, work, result.model_name, config=result.config, shift_catalog=shifted_catalog, n_bootstrap=200, device="cpu")
+    assert list(sides["side"]) == ["in-domain", "shift"]
+    _, report = shift_halves(shifted_catalog, "sender_id", seed=0)
+    assert sides["n_queries"].iloc[1] <= len(report) and sides["set"].iloc[1].endswith("senders)")
+    assert sides["n_queries"].iloc[0] <= len(split_catalog(catalog, FAST.eval_fraction, FAST.split_seed).eval)
+    assert ((sides["ci_low"] <= sides["diff"]) & (sides["diff"] <= sides["ci_high"])).all()

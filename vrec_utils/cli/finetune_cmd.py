@@ -6,8 +6,15 @@ import argparse
 import dataclasses
 import sys
 
+from pathlib import Path
+
 from ..catalog import load_catalog
-from ..train import SCHEDULES, SELECT_BY, TRAINABLE, FinetuneConfig, finetune
+from ..models import get_model_entry
+from ..models.local import LOCAL_SCHEME
+from ..models.mini_siglip import read_model_json
+from ..studies.recipe_study import both_sides, default_shift_catalog, sides_text
+from ..train import RECIPES, SCHEDULES, SELECT_BY, TRAINABLE, FinetuneConfig, finetune, recipe_config
+from ..train.recipes import DEFAULT_RECIPE
 from ._common import add_catalog_args, directory_path, non_negative_int, positive_int, print_json
 
 _DEFAULTS = FinetuneConfig()
@@ -52,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--select-by", choices=SELECT_BY, default=_DEFAULTS.select_by)
     d.add_argument("--patience", type=positive_int, default=None, help="early stop after N epochs without improvement")
     d.add_argument("--alpha", type=float, default=None, help="mini-siglip output mix (default: chosen on validation)")
+    d.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help=f"mini-siglip robustness recipe (default: {DEFAULT_RECIPE!r}, chosen by benchmarks/bench_finetune_recipes.py)")
+    shift = default_shift_catalog()
+    d.add_argument("--shift-catalog", default=str(shift) if shift else "", metavar="DIR",
+                   help="real shifted catalog (label, sender_id): its selection half may choose the mix coefficient, its "
+                   f"reported half is measured after training (default: {shift or 'none; ../shared/data/clothing-dev is absent'}; '' for none)")
     d.add_argument("--image-rank", type=positive_int, default=None, help="mini-siglip: low-rank residual image head")
     d.add_argument("--text-hidden", type=positive_int, default=None, help="mini-siglip: MLP text head width")
     r = p.add_argument_group("run")
@@ -60,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--no-warm-cache", action="store_true", help="do not precompute the tuned model's catalog embeddings")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    r.add_argument("--no-compare", action="store_true", help="skip the in-domain and shift comparison after training")
+    r.add_argument("--n-bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the comparison's CIs")
     p.set_defaults(handler=run)
 
 
@@ -75,17 +90,53 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     )  # fmt: skip
 
 
+def _is_mini_siglip(base: str) -> bool:
+    if base == "mini-siglip":
+        return True
+    entry, spec = get_model_entry(base)  # local:DIR started from a saved mini-siglip
+    try:
+        return entry.name == LOCAL_SCHEME and spec is not None and read_model_json(spec).get("family") == "mini-siglip"
+    except FileNotFoundError:
+        return False
+
+
+def config_with_recipe(args: argparse.Namespace, mini: bool) -> FinetuneConfig:
+    """The CLI's config with the recipe applied (mini-siglip: ``--recipe``, default DEFAULT_RECIPE);
+    a recipe that selects on the shift catalog falls back to in-domain validation without one."""
+    config = config_from_args(args)
+    if not mini:
+        if args.recipe:
+            raise ValueError(f"--recipe applies to mini-siglip only, not --base {args.base}")
+        return config
+    name = args.recipe or DEFAULT_RECIPE
+    shift = args.shift_catalog or None
+    if shift is not None and not Path(shift).expanduser().exists():
+        raise ValueError(f"--shift-catalog {shift}: no such catalog")
+    if RECIPES[name].get("select_on") == "shift" and shift is None:
+        print(f"recipe {name!r} chooses its coefficient on a shift catalog and none is given: chosen on validation", file=sys.stderr)
+    return recipe_config(name, config, shift, fallback=True)
+
+
 def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     if not catalog.report.ok:
         print(f"catalog: {catalog.report.summary()}", file=sys.stderr)
+    mini = _is_mini_siglip(args.base)
+    config = config_with_recipe(args, mini)
     result = finetune(
-        catalog, args.base, args.out, workdir=args.workdir, config=config_from_args(args), device=args.device,
+        catalog, args.base, args.out, workdir=args.workdir, config=config, device=args.device,
         resume=not args.no_resume, overwrite=args.overwrite or args.no_resume, warm_cache=not args.no_warm_cache,
         progress=not args.quiet,
     )
     if result.n_no_title:
         print(f"{result.n_no_title} train-split item(s) without a title were skipped", file=sys.stderr)
+    sides = None
+    if not args.no_compare and config.label and config.label in catalog.items.columns:
+        sides = both_sides(
+            catalog, args.workdir, result.model_name, config=config, shift_catalog=args.shift_catalog or None,
+            base_model="efficientnet-lite0" if mini else args.base, label=config.label, n_bootstrap=args.n_bootstrap,
+            device=args.device,
+        )
     if args.json:
         print_json(
             {
@@ -94,10 +145,13 @@ def run(args: argparse.Namespace) -> int:
                 "n_val": result.n_val, "n_no_title": result.n_no_title, "n_excluded": result.n_excluded,
                 "n_dropped": result.n_dropped, "train_seconds": round(result.train_seconds, 3),
                 "feature_seconds": round(result.feature_seconds, 3),
-                "history": result.history.to_dict(orient="records"),
+                "history": result.history.to_dict(orient="records"), "recipe": result.info.get("recipe"),
+                "comparison": None if sides is None else sides.to_dict(orient="records"),
             }
         )
     else:
         print(result.summary())
+        if sides is not None:
+            print(sides_text(sides))
         print(f"use it with: vrec extract --catalog {args.catalog} --model {result.model_name}")
     return 0

@@ -4,8 +4,9 @@ Sits above evaluation: it trains (or reuses) runs through :mod:`vrec_utils.train
 them with :mod:`vrec_utils.evaluate`, :mod:`vrec_utils.search` and an in-memory index.
 
 * :func:`finetune_plan` -> :class:`FinetunePlan`: what a profile fine-tunes, against which model;
-* :func:`measure_finetune` -> :class:`FinetuneMeasurement`: paired nDCG@5 checks in-domain, under
-  a category shift (held-out categories) and a photometric shift (:func:`photo_shift_image`),
+* :func:`measure_finetune` -> :class:`FinetuneMeasurement`: paired nDCG@5 checks in-domain, on a
+  real shifted catalog (clothing-dev's reported half), under a category shift (held-out
+  categories) and a *synthetic* photo shift (:func:`photo_shift_image`),
   plus an alpha sweep and text queries (:func:`text_queries`, :func:`label_text_precision`);
 * :func:`run_markdown`, ``FinetunePlan.markdown``, ``FinetuneMeasurement.markdown``: the prose.
 
@@ -40,6 +41,7 @@ from ..train import (
     extract_finetuned_embeddings,
     load_result,
     parse_exclude,
+    shift_halves,
 )
 
 MIN_CHECK_ITEMS = 10  # evaluation items a shift check needs on each side
@@ -326,21 +328,25 @@ def measure_finetune(
     base_model: str = "efficientnet-lite0",
     holdout: Sequence[str] | dict[str, str | Sequence[str]] | None = DEFAULT_HOLDOUT,
     photo_shift: bool = True,
+    shift_catalog: str | os.PathLike | None = None,
     queries: dict[str, str] | None = None,
     label: str = "articleType",
     n_bootstrap: int = 2000,
     device: str | torch.device | None = "auto",
     progress: bool = True,
 ) -> FinetuneMeasurement:
-    """Train (or reuse) the fine-tunes and measure them against ``base_model`` on nDCG@5
-    (a long function on purpose: one check after another, in the order of the report's table):
+    """Train (or reuse) the fine-tunes and measure them against ``base_model`` on nDCG@5, one
+    check after another in the order of the report's table:
 
     * **in-domain**: the catalog's evaluation split (never trained on), all categories;
+    * **real photo shift** (``shift_catalog``, e.g. clothing-dev): the in-domain model on the
+      shifted catalog's *reported half* (split by ``config.shift_group``; the other half may
+      have chosen the mix coefficient), label ``config.shift_label``;
     * **category shift** (``holdout``: ``"column=value"`` entries or ``{column: [values]}``): a
-      second model trained without the ``holdout`` categories, evaluated on the held-out categories' evaluation items, and, side by side, on
-      the other (seen) categories' evaluation items;
-    * **photometric shift** (``photo_shift``): the evaluation items re-shot
-      (:func:`photo_shift_image`), queries and candidates alike.
+      second model trained without the ``holdout`` categories, evaluated on the held-out
+      categories' evaluation items and, side by side, on the seen categories' ones;
+    * **synthetic photo shift** (``photo_shift``): the evaluation items re-shot
+      (:func:`photo_shift_image`), with a note of how far it is from the real-photo result.
 
     Every comparison is paired (same queries) with a bootstrap 95% CI of the difference.
     Also returns an alpha sweep on the evaluation split (reporting only) and text queries.
@@ -356,49 +362,27 @@ def measure_finetune(
             f"catalog {catalog.name!r} has {len(split.eval)} evaluation items ({config.eval_fraction:.0%} of {len(catalog)}); "
             f"measuring a fine-tune needs at least {MIN_CHECK_ITEMS}"
         )
+    ctx = _Context(catalog, workdir, config, base, base_model, split, label, n_bootstrap, device, progress)
     runs: dict[str, dict[str, Any]] = {}
     tuned = ensure_finetuned(catalog, workdir, base, config=config, device=device, progress=progress)
     runs["in-domain"] = load_result(tuned)["result"]
-    extract_finetuned_embeddings(catalog, tuned, workdir, device=device, progress=progress)
-    extract_finetuned_embeddings(catalog, base_model, workdir, device=device, progress=progress)  # cached: a quick check
+    for model in (tuned, base_model):  # cached: a quick check
+        extract_finetuned_embeddings(catalog, model, workdir, device=device, progress=progress)
     checks = [_compare(catalog, workdir, base_model, tuned, split, label, n_bootstrap, "in-domain (eval split)", "tuned")]
-
-    shift_model = None
     notes: list[str] = []
-    if holdout:
-        unseen, seen, names = _holdout_ids(catalog, holdout, split)
-        if min(len(unseen), len(seen)) < MIN_CHECK_ITEMS:
-            notes.append(
-                f"Category-shift check skipped: holdout {list(holdout)} leaves {len(unseen)} held-out and {len(seen)} seen "
-                f"evaluation items, and each side needs at least {MIN_CHECK_ITEMS} (a larger catalog or other categories)."
-            )
-        else:
-            shift_config = dataclasses.replace(config, exclude=tuple(holdout))
-            shift_model = ensure_finetuned(catalog, workdir, base, config=shift_config, device=device, progress=progress)
-            runs["category-shift"] = load_result(shift_model)["result"]
-            extract_finetuned_embeddings(catalog, shift_model, workdir, device=device, progress=progress)
-            checks.append(_compare(catalog, workdir, base_model, shift_model, Split((), unseen, split.seed, split.eval_fraction),
-                                   label, n_bootstrap, f"category shift: held-out {names}", "tuned w/o held-out"))
-            checks.append(_compare(catalog, workdir, base_model, shift_model, Split((), seen, split.seed, split.eval_fraction),
-                                   label, n_bootstrap, "category shift: seen categories", "tuned w/o held-out"))
+    if shift_catalog is not None:
+        checks.append(_real_shift_check(ctx, tuned, shift_catalog))
+    shift_model, unseen, names = _category_shift_checks(ctx, holdout, checks, notes, runs) if holdout else (None, (), "")
     if photo_shift:
-        shifted = photo_shift_catalog(catalog, split.eval, workdir / "shifted" / f"{slugify(catalog.name)}-{catalog.fingerprint()[:8]}-photo")
-        extract_finetuned_embeddings(shifted, tuned, workdir, device=device, progress=progress)
-        extract_finetuned_embeddings(shifted, base_model, workdir, device=device, progress=progress)
-        checks.append(_compare(shifted, workdir, base_model, tuned, None, label, n_bootstrap, "photometric shift (eval re-shot)", "tuned"))
-
-    sweep, _ = _alpha_sweep(catalog, workdir, tuned, base_model, split, label, device, n_bootstrap)
-    sweeps = [] if sweep is None else [sweep.assign(check="in-domain (eval split)")]
-    if shift_model is not None:
-        unseen_split = Split((), unseen, split.seed, split.eval_fraction)
-        sweep, result = _alpha_sweep(catalog, workdir, shift_model, base_model, unseen_split, label, device, n_bootstrap)
-        if sweep is not None:
-            sweeps.append(sweep.assign(check=f"category shift: held-out {names}"))
-            row = result.compare("alpha=0", "alpha=1", ["ndcg@5"]).iloc[0].to_dict()
-            row.update(model_a=base_model, model_b=shift_model)
-            checks.insert(2, {"check": f"category shift: held-out {names}, no guard (alpha=1)", "model_b_label": "tuned w/o held-out, alpha=1", **row})
-    columns = ["check", "alpha", "mean", "ci_low", "ci_high", "n_queries"]
-    alpha_sweep = pd.concat(sweeps, ignore_index=True)[columns] if sweeps else pd.DataFrame(columns=columns)
+        checks.append(_synthetic_shift_check(ctx, tuned))
+        real = [c for c in checks if c["check"].startswith("real photo shift")]
+        if real:
+            gap = checks[-1]["diff"] - real[0]["diff"]
+            notes.append(
+                f"The synthetic photo shift says {checks[-1]['diff']:+.3f}, the real photos {real[0]['diff']:+.3f}: the synthetic "
+                f"check is {abs(gap):.3f} {'more optimistic' if gap > 0 else 'more pessimistic'} than real photos."
+            )
+    alpha_sweep = _sweeps(ctx, tuned, shift_model, unseen, names, checks)
     text_results = text_queries(catalog, workdir, tuned, list(queries), ids=split.eval, k=5, label=label, device=device)
     text_results["expected"] = text_results["query_text"].map(queries)
     text_precision = label_text_precision(catalog, workdir, tuned, split.eval, label=label, device=device)
@@ -407,6 +391,80 @@ def measure_finetune(
         alpha_sweep=alpha_sweep, text_results=text_results, text_precision=text_precision, runs=runs,
         eval_ids=tuple(split.eval), workdir=workdir, label=label, notes=tuple(notes),
     )
+
+
+@dataclass(frozen=True)
+class _Context:
+    """The fixed arguments of one :func:`measure_finetune` call, for its check helpers."""
+
+    catalog: Catalog
+    workdir: Path
+    config: FinetuneConfig
+    base: str
+    base_model: str
+    split: Split
+    label: str
+    n_bootstrap: int
+    device: Any
+    progress: bool
+
+
+def _real_shift_check(ctx: _Context, tuned: str, shift_catalog: str | os.PathLike) -> dict[str, Any]:
+    """The in-domain model on the reported half (split by sender) of a real shifted catalog."""
+    shifted = load_catalog(shift_catalog)
+    for model in (tuned, ctx.base_model):
+        extract_finetuned_embeddings(shifted, model, ctx.workdir, device=ctx.device, progress=ctx.progress)
+    _, report = shift_halves(shifted, ctx.config.shift_group, ctx.config.shift_seed)
+    half = Split((), report, ctx.config.shift_seed, 0.5)
+    name = f"real photo shift: {shifted.name} reported half"
+    return _compare(shifted, ctx.workdir, ctx.base_model, tuned, half, ctx.config.shift_label, ctx.n_bootstrap, name, "tuned")
+
+
+def _synthetic_shift_check(ctx: _Context, tuned: str) -> dict[str, Any]:
+    """The in-domain model on re-shot copies of the evaluation photos (:func:`photo_shift_image`)."""
+    catalog = ctx.catalog
+    shifted = photo_shift_catalog(catalog, ctx.split.eval, ctx.workdir / "shifted" / f"{slugify(catalog.name)}-{catalog.fingerprint()[:8]}-photo")
+    for model in (tuned, ctx.base_model):
+        extract_finetuned_embeddings(shifted, model, ctx.workdir, device=ctx.device, progress=ctx.progress)
+    return _compare(shifted, ctx.workdir, ctx.base_model, tuned, None, ctx.label, ctx.n_bootstrap, "synthetic photo shift (eval re-shot)", "tuned")
+
+
+def _category_shift_checks(ctx: _Context, holdout: Sequence[str], checks: list, notes: list, runs: dict) -> tuple[str | None, tuple[str, ...], str]:
+    """A model trained without the ``holdout`` categories, on the held-out and the seen
+    evaluation items (appended to ``checks``); returns (model, held-out ids, held-out names)."""
+    unseen, seen, names = _holdout_ids(ctx.catalog, holdout, ctx.split)
+    if min(len(unseen), len(seen)) < MIN_CHECK_ITEMS:
+        notes.append(
+            f"Category-shift check skipped: holdout {list(holdout)} leaves {len(unseen)} held-out and {len(seen)} seen "
+            f"evaluation items, and each side needs at least {MIN_CHECK_ITEMS} (a larger catalog or other categories)."
+        )
+        return None, (), names
+    shift_config = dataclasses.replace(ctx.config, exclude=tuple(holdout))
+    shift_model = ensure_finetuned(ctx.catalog, ctx.workdir, ctx.base, config=shift_config, device=ctx.device, progress=ctx.progress)
+    runs["category-shift"] = load_result(shift_model)["result"]
+    extract_finetuned_embeddings(ctx.catalog, shift_model, ctx.workdir, device=ctx.device, progress=ctx.progress)
+    for ids, check in ((unseen, f"category shift: held-out {names}"), (seen, "category shift: seen categories")):
+        part = Split((), ids, ctx.split.seed, ctx.split.eval_fraction)
+        checks.append(_compare(ctx.catalog, ctx.workdir, ctx.base_model, shift_model, part, ctx.label, ctx.n_bootstrap, check, "tuned w/o held-out"))
+    return shift_model, unseen, names
+
+
+def _sweeps(ctx: _Context, tuned: str, shift_model: str | None, unseen: tuple[str, ...], names: str, checks: list) -> pd.DataFrame:
+    """Alpha sweeps on the evaluation split (and the held-out categories); inserts the
+    "no guard (alpha=1)" category-shift row into ``checks``."""
+    sweep, _ = _alpha_sweep(ctx.catalog, ctx.workdir, tuned, ctx.base_model, ctx.split, ctx.label, ctx.device, ctx.n_bootstrap)
+    sweeps = [] if sweep is None else [sweep.assign(check="in-domain (eval split)")]
+    if shift_model is not None:
+        unseen_split = Split((), unseen, ctx.split.seed, ctx.split.eval_fraction)
+        sweep, result = _alpha_sweep(ctx.catalog, ctx.workdir, shift_model, ctx.base_model, unseen_split, ctx.label, ctx.device, ctx.n_bootstrap)
+        if sweep is not None:
+            sweeps.append(sweep.assign(check=f"category shift: held-out {names}"))
+            row = result.compare("alpha=0", "alpha=1", ["ndcg@5"]).iloc[0].to_dict()
+            row.update(model_a=ctx.base_model, model_b=shift_model)
+            at = next(i for i, c in enumerate(checks) if c["check"] == f"category shift: held-out {names}") + 1
+            checks.insert(at, {"check": f"category shift: held-out {names}, no guard (alpha=1)", "model_b_label": "tuned w/o held-out, alpha=1", **row})
+    columns = ["check", "alpha", "mean", "ci_low", "ci_high", "n_queries"]
+    return pd.concat(sweeps, ignore_index=True)[columns] if sweeps else pd.DataFrame(columns=columns)
 
 
 def _holdout_ids(catalog: Catalog, holdout: Sequence[str], split: Split) -> tuple[tuple[str, ...], tuple[str, ...], str]:

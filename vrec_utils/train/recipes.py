@@ -45,26 +45,36 @@ AUGMENT_VERSION = "photo-augment-v1"  # bump when photo_augment changes: the aug
 #: The recipes of the study (``benchmarks/bench_finetune_recipes.py``): FinetuneConfig overrides.
 #: ``{shift}`` stands for the shifted catalog's path.
 RECIPES: dict[str, dict[str, Any]] = {
-    "alpha-mix": {},
-    "alpha-mix, chosen on shift": {"select_on": "shift"},
+    "alpha-mix": {},  # the output mix chosen on in-domain validation (before this study)
+    "alpha-mix-shift": {"select_on": "shift"},
     "wise-ft": {"mix": "weights"},
-    "wise-ft, chosen on shift": {"mix": "weights", "select_on": "shift"},
+    "wise-ft-shift": {"mix": "weights", "select_on": "shift"},
     "lp-ft": {"probe_epochs": 10},
-    "similarity distillation": {"distill": 1.0},
-    "photo augmentations": {"augment_views": 1},
-    "distill + augment, wise-ft on shift": {"distill": 1.0, "augment_views": 1, "mix": "weights", "select_on": "shift"},
+    "distill": {"distill": 1.0},
+    "augment": {"augment_views": 1},
+    "distill-augment-wise-ft-shift": {"distill": 1.0, "augment_views": 1, "mix": "weights", "select_on": "shift"},
 }
 
+#: The recipe ``vrec finetune --base mini-siglip`` uses (chosen from the study; see the README).
+DEFAULT_RECIPE = "alpha-mix-shift"
 
-def recipe_config(name: str, base: FinetuneConfig | None = None, shift_catalog: str | os.PathLike | None = None) -> FinetuneConfig:
-    """The config of recipe ``name`` on top of ``base``; recipes that select on a shifted set need ``shift_catalog``."""
+
+def recipe_config(
+    name: str, base: FinetuneConfig | None = None, shift_catalog: str | os.PathLike | None = None, *, fallback: bool = False
+) -> FinetuneConfig:
+    """The config of recipe ``name`` on top of ``base``. Recipes that select on a shifted set
+    need ``shift_catalog``; without one, ``fallback`` chooses on in-domain validation instead
+    (recorded as ``<name>@val``), else it is an error."""
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
     overrides = dict(RECIPES[name])
     if overrides.get("select_on") == "shift":
-        if shift_catalog is None:
+        if shift_catalog is None and not fallback:
             raise ValueError(f"recipe {name!r} chooses its coefficient on a shifted catalog; pass shift_catalog")
-        overrides["shift_catalog"] = str(Path(shift_catalog).expanduser().resolve())
+        if shift_catalog is None:
+            overrides["select_on"], name = "val", f"{name}@val"
+        else:
+            overrides["shift_catalog"] = str(Path(shift_catalog).expanduser().resolve())
     return dataclasses.replace(base or FinetuneConfig(), recipe=name, **overrides)
 
 
