@@ -41,8 +41,11 @@ from ..train import (
     extract_finetuned_embeddings,
     load_result,
     parse_exclude,
+    recipe_config,
     shift_halves,
 )
+from ..train.recipes import DEFAULT_RECIPE
+from .recipe_study import default_shift_catalog
 
 MIN_CHECK_ITEMS = 10  # evaluation items a shift check needs on each side
 
@@ -177,6 +180,7 @@ class FinetunePlan:
     base_model: str
     config: FinetuneConfig
     note: str = ""
+    shift_catalog: Path | None = None  # the real shifted catalog measured (and, per the recipe, selected on)
 
     def markdown(self):
         from IPython.display import Markdown  # deferred: the notebooks extra
@@ -189,6 +193,11 @@ class FinetunePlan:
             f"Evaluation split: {c.eval_fraction:.0%} of the items (split seed {c.split_seed}), never trained on; "
             f"validation: {c.val_fraction:.0%} of the train split."
         )
+        if self.base == "mini-siglip":
+            chosen = "the selection half (by sender) of the shifted catalog and validation" if c.select_on == "shift" else "validation"
+            text += f" Recipe **{c.recipe}** (mix: {c.mix}; coefficient chosen on {chosen})."
+        if self.shift_catalog is not None:
+            text += f" Real shifted catalog: `{self.shift_catalog}` (reported half only)."
         return Markdown(text + (f"\n\n> {self.note}" if self.note else ""))
 
 
@@ -203,7 +212,8 @@ def finetune_plan(
     """The base, the "before" model and the config for a profile (``None`` overrides keep the
     defaults, so the offline profile reuses the model :func:`ensure_finetuned` trained):
 
-    * ``offline``: mini-siglip vs efficientnet-lite0 (the defaults of :class:`FinetuneConfig`);
+    * ``offline``: mini-siglip vs efficientnet-lite0 with :data:`~vrec_utils.train.recipes.DEFAULT_RECIPE`
+      (its coefficient chosen on clothing-dev's selection half when that catalog is present);
     * ``smoke``: tiny-siglip vs itself, 2 epochs (exercises the SigLIP path; numbers mean nothing);
     * ``article``: siglip-base vs itself (last block + heads, lr 1e-5, the model's own logit
       scale/bias) when a CUDA GPU is present, else the offline plan with a note.
@@ -225,7 +235,9 @@ def finetune_plan(
         )
     elif profile != "offline":
         raise KeyError(f"unknown profile {profile!r}; profiles: offline, article, smoke")
-    return FinetunePlan(profile, "mini-siglip", "efficientnet-lite0", dataclasses.replace(FinetuneConfig(), **overrides), note)
+    shift = default_shift_catalog()
+    config = recipe_config(DEFAULT_RECIPE, dataclasses.replace(FinetuneConfig(), **overrides), shift, fallback=True)
+    return FinetunePlan(profile, "mini-siglip", "efficientnet-lite0", config, note, shift)
 
 
 
