@@ -45,7 +45,7 @@ from ..train import (
     shift_halves,
 )
 from ..train.recipes import DEFAULT_RECIPE
-from .recipe_study import default_shift_catalog
+from .recipe_study import SIDE_COLUMNS, default_shift_catalog, verdict
 
 MIN_CHECK_ITEMS = 10  # evaluation items a shift check needs on each side
 
@@ -264,6 +264,23 @@ class FinetuneMeasurement:
             ["check", "mean_a", "mean_b", "diff", "diff_ci_low", "diff_ci_high", "p_value", "rel_improvement_pct", "n_queries"]
         ].rename(columns={"mean_a": f"{self.base_model} ndcg@5", "mean_b": "tuned ndcg@5", "rel_improvement_pct": "rel_%"})
         return table.round(4).reset_index(drop=True)
+
+    def sides(self) -> pd.DataFrame:
+        """Both sides, side by side: the in-domain row and the real-photo row (when measured), in
+        the columns of :func:`~vrec_utils.studies.recipe_study.both_sides`."""
+        picks = [("in-domain", "in-domain"), ("shift", "real photo shift")]
+        rows = []
+        for side, prefix in picks:
+            for r in self.checks[self.checks["check"].str.startswith(prefix)].itertuples(index=False):
+                rows.append({
+                    "model": self.tuned_model, "side": side, "set": r.check, "base ndcg@5": r.mean_a, "tuned ndcg@5": r.mean_b,
+                    "diff": r.diff, "ci_low": r.diff_ci_low, "ci_high": r.diff_ci_high, "p_value": r.p_value, "n_queries": r.n_queries,
+                })  # fmt: skip
+        return pd.DataFrame(rows, columns=["model", *SIDE_COLUMNS])
+
+    def verdict(self) -> str:
+        """:func:`~vrec_utils.studies.recipe_study.verdict` of :meth:`sides`."""
+        return verdict(self.sides())
 
     def summary(self) -> str:
         lines = []
@@ -516,8 +533,10 @@ def run_markdown(result: dict[str, Any]):
     """A finished run's ``result.json`` as a sentence (IPython Markdown)."""
     from IPython.display import Markdown  # deferred: the notebooks extra
 
-    alpha = result.get("alpha")
-    mix = f"; output mix α = {alpha:g} (chosen on validation)" if alpha is not None else ""
+    alpha, recipe = result.get("alpha"), result.get("recipe") or {}
+    what = "WiSE-FT weight" if recipe.get("mix") == "weights" else "output mix α"
+    chosen = recipe.get("chosen_by", "validation")
+    mix = f"; recipe `{recipe.get('name', 'alpha-mix')}`, {what} = {alpha:g} (chosen on {chosen})" if alpha is not None else ""
     features = result.get("feature_seconds")
     feat = f"; frozen-tower features {features:.0f} s (cached, reused afterwards)" if features else ""
     return Markdown(
