@@ -40,7 +40,7 @@ from _machine import cpu_line  # noqa: E402
 
 from vrec_utils.catalog import load_catalog  # noqa: E402
 from vrec_utils.studies.recipe_study import HOLD_MARGIN, run_recipe_study  # noqa: E402
-from vrec_utils.train import RECIPES  # noqa: E402
+from vrec_utils.train import RECIPES, FinetuneConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "work")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
     parser.add_argument("--n-bootstrap", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every recipe (default: FinetuneConfig's)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipes")
     args = parser.parse_args(argv)
 
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (the CPUs are shared with other jobs)")
     catalog = load_catalog(args.catalog)
     started = time.perf_counter()
-    study = run_recipe_study(catalog, args.shift_catalog, args.workdir, recipes=args.recipes.split(","), n_bootstrap=args.n_bootstrap)
+    config = FinetuneConfig() if args.epochs is None else FinetuneConfig(epochs=args.epochs)
+    print(f"every recipe: {config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g}, seed {config.seed}, split seed {config.split_seed}")
+    study = run_recipe_study(catalog, args.shift_catalog, args.workdir, recipes=args.recipes.split(","), config=config, n_bootstrap=args.n_bootstrap)
     total = time.perf_counter() - started
     table = study.table
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):

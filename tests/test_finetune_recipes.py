@@ -184,6 +184,8 @@ def test_coefficient_holds_on_the_selection_half_and_is_recorded(recipe_run):
     base = table.loc[table["alpha"] == 0.0, "shift_select_ndcg@5"].item()
     chosen = table.loc[table["alpha"] == result.alpha]
     assert chosen["shift_select_ndcg@5"].item() >= base
+    holding = table[table["shift_select_ndcg@5"] >= base]
+    assert chosen["val_ndcg@5"].item() == holding["val_ndcg@5"].max()  # the best in-domain among those that hold
     recorded = json.loads((result.model_dir / "vrec_model.json").read_text())
     assert recorded["recipe"]["name"] == "distill-augment-wise-ft-shift"
     assert recorded["recipe"]["mix"] == "weights" and recorded["recipe"]["coefficient"] == result.alpha
@@ -251,3 +253,23 @@ def test_both_sides_reports_the_reported_half_only(recipe_run, shifted_catalog):
     assert sides["n_queries"].iloc[1] <= len(report) and sides["set"].iloc[1].endswith("senders)")
     assert sides["n_queries"].iloc[0] <= len(split_catalog(catalog, FAST.eval_fraction, FAST.split_seed).eval)
     assert ((sides["ci_low"] <= sides["diff"]) & (sides["diff"] <= sides["ci_high"])).all()
+
+
+def test_cli_prints_both_sides_and_the_verdict(recipe_run, shifted_catalog, tmp_path, capsys, monkeypatch):
+    import vrec_utils.cli.finetune_cmd as cmd
+    from vrec_utils.cli import main
+
+    _, catalog, _, work = recipe_run
+    monkeypatch.setattr(cmd, "load_catalog", lambda path: catalog)  # reuse the cached features
+    code = main([
+        "finetune", "--catalog", "sample", "--out", str(tmp_path / "run"), "--workdir", str(work), "--epochs", "2",
+        "--batch-size", "32", "--quiet", "--no-warm-cache", "--shift-catalog", str(shifted_catalog.root / "catalog.csv"),
+        "--n-bootstrap", "100",
+    ])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "in-domain" in out and "shift" in out and "reported half" in out and "verdict: " in out
+    recorded = json.loads((tmp_path / "run" / "model" / "vrec_model.json").read_text())["recipe"]
+    assert recorded["name"] == cmd.DEFAULT_RECIPE and "shift" in recorded["selection"]
+    assert main(["finetune", "--catalog", "sample", "--base", "tiny-siglip", "--recipe", "distill", "--out", str(tmp_path / "x")]) == 2
+    assert "mini-siglip only" in capsys.readouterr().err

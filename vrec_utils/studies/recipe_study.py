@@ -12,6 +12,7 @@ The intervals are the evaluation package's paired bootstrap (:meth:`EvaluationRe
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from ..catalog import Catalog, Split, load_catalog, split_catalog
 from ..evaluation import evaluate_models
 from ..store import DEFAULT_WORKDIR
-from ..train import RECIPES, FinetuneConfig, ensure_finetuned, extract_finetuned_embeddings, load_result, recipe_config, shift_halves
+from ..train import RECIPES, FinetuneConfig, default_run_dir, ensure_finetuned, extract_finetuned_embeddings, load_result, recipe_config, shift_halves
 
 REPO = Path(__file__).resolve().parents[2]
 #: The real shifted catalog (real photos by 90 senders; labels, no titles), when present.
@@ -144,9 +145,12 @@ def run_recipe_study(
     its CI, shift diff (the shifted catalog's reported half) with its CI, training seconds."""
     config = config or FinetuneConfig()
     names = list(recipes or RECIPES)
-    models, runs = {}, {}
-    for name in names:
-        models[name] = ensure_finetuned(catalog, workdir, "mini-siglip", config=recipe_config(name, config, shift_catalog), device=device, progress=progress)
+    models, runs, trained = {}, {}, {}
+    for name in names:  # recipes that differ only in how the coefficient is chosen share one training
+        recipe = recipe_config(name, config, shift_catalog)
+        key = json.dumps(recipe.training_dict(), sort_keys=True)
+        models[name] = ensure_finetuned(catalog, workdir, "mini-siglip", config=recipe, device=device, progress=progress, warm_start=trained.get(key))
+        trained.setdefault(key, default_run_dir(workdir, catalog, "mini-siglip", recipe))
         runs[name] = load_result(models[name])["result"]
     sides = both_sides(catalog, workdir, list(models.values()), config=config, shift_catalog=shift_catalog, base_model=base_model, n_bootstrap=n_bootstrap, device=device)
     rows = []

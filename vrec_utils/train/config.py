@@ -15,6 +15,8 @@ SELECT_BY = ("val_ndcg", "val_loss", "last")
 LOSS_INIT = ("paper", "model")
 MIXES = ("output", "weights")  # output: alpha mix of embeddings; weights: WiSE-FT interpolation of the image head
 SELECT_ON = ("val", "shift")  # where the mix coefficient is chosen: in-domain validation, or a shifted selection set
+#: Fields used only after training, to choose and record the mix coefficient.
+SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"unknown FinetuneConfig field(s): {', '.join(unknown)}")
         return cls(**{**data, "exclude": tuple(data.get("exclude", ()))})
+
+    def training_dict(self) -> dict[str, Any]:
+        """The fields that decide the trained weights (not :data:`SELECTION_FIELDS`): runs that
+        differ only in how the coefficient is chosen share their training (``warm_start``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in SELECTION_FIELDS}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

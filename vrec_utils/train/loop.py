@@ -199,6 +199,7 @@ def finetune(
     overwrite: bool = False,
     warm_cache: bool = True,
     progress: bool = True,
+    warm_start: str | os.PathLike | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``base`` with the sigmoid loss on ``catalog``'s train-split (image, title) pairs.
 
@@ -206,15 +207,20 @@ def finetune(
     ``split.json``, ``history.csv``, ``steps.csv``, ``result.json`` and
     ``checkpoints/last.pt`` (after every epoch). With ``resume`` a run whose checkpoint holds
     the same base, catalog and config continues after its last finished epoch; a checkpoint of
-    a different run is an error unless ``overwrite``.
+    a different run is an error unless ``overwrite``. The checkpoint key holds the fields
+    that decide the weights only (:meth:`FinetuneConfig.training_dict`), so a run that differs in
+    how the coefficient is chosen continues a finished training: in ``out`` itself, or in the
+    run folder ``warm_start`` (read, never written) when ``out`` has no checkpoint.
     """
     config = config or FinetuneConfig()
     out = Path(out).expanduser().resolve()
     workdir = Path(workdir)
     device = resolve_device(device)
-    run_key = {"base": base, "catalog": catalog.fingerprint(), "config": config.to_dict()}
+    run_key = {"base": base, "catalog": catalog.fingerprint(), "config": config.training_dict()}
     ckpt_path = out / "checkpoints" / CHECKPOINT
     checkpoint = _load_checkpoint(ckpt_path, run_key, resume, overwrite)
+    if checkpoint is None and warm_start is not None:
+        checkpoint = _warm_start_checkpoint(Path(warm_start) / "checkpoints" / CHECKPOINT, run_key)
 
     pairs = make_pairs(catalog, config)
     model = create_pair_model(base, catalog, pairs, config, workdir, device, progress, warm_cache)
@@ -420,6 +426,14 @@ def _save_checkpoint(path: Path, run_key: dict[str, Any], epoch: int, opt: Optim
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def _warm_start_checkpoint(path: Path, run_key: dict[str, Any]) -> dict[str, Any] | None:
+    """Another run's checkpoint when it trained exactly what ``run_key`` trains, else None."""
+    if not path.is_file():
+        return None
+    checkpoint = torch_load_trusted(path, f"delete {str(path)!r} (a damaged checkpoint of another run)")
+    return checkpoint if checkpoint.get("run") == run_key else None
 
 
 def _load_checkpoint(path: Path, run_key: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:

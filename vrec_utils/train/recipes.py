@@ -49,7 +49,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "alpha-mix-shift": {"select_on": "shift"},
     "wise-ft": {"mix": "weights"},
     "wise-ft-shift": {"mix": "weights", "select_on": "shift"},
-    "lp-ft": {"probe_epochs": 10},
+    "lp-ft": {"probe_epochs": 3},
     "distill": {"distill": 1.0},
     "augment": {"augment_views": 1},
     "distill-augment-wise-ft-shift": {"distill": 1.0, "augment_views": 1, "mix": "weights", "select_on": "shift"},

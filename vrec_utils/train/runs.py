@@ -56,15 +56,17 @@ def ensure_finetuned(
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = "auto",
     progress: bool = True,
+    warm_start: str | os.PathLike | None = None,
 ) -> str:
     """The ``local:`` name of a model fine-tuned on ``catalog`` with ``config``; trains only when
-    no finished run of the same base, catalog and config exists (fast when cached)."""
+    no finished run of the same base, catalog and config exists (fast when cached). ``warm_start``:
+    a run folder whose finished training this run shares (see :func:`finetune`)."""
     config = config or FinetuneConfig()
     found = find_finetuned(catalog, workdir, base, config=config, out=out)
     if found is not None:
         return found
     out = (Path(out) if out is not None else default_run_dir(workdir, catalog, base, config)).expanduser().resolve()
-    return finetune(catalog, base, out, workdir=workdir, config=config, device=device, progress=progress).model_name
+    return finetune(catalog, base, out, workdir=workdir, config=config, device=device, progress=progress, warm_start=warm_start).model_name
 
 
 def load_result(out: str | os.PathLike) -> dict[str, Any]:

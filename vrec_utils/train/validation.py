@@ -116,9 +116,10 @@ def choose_alpha(
     * in-domain only (``select_on="val"``): the smallest coefficient in :data:`ALPHA_GRID` whose
       validation nDCG@5 is within ``config.alpha_tolerance`` of the best (prefer the base when
       tuning buys little: the guard against forgetting); without labels 0.5;
-    * with a selection set (``select_on="shift"``): the same rule among the coefficients whose
-      nDCG@5 on the shifted *selection half* is at least the base's (coefficient 0) minus
-      ``config.shift_tolerance``; the reported half is never scored here.
+    * with a selection set (``select_on="shift"``): among the coefficients whose nDCG@5 on the
+      shifted *selection half* is at least the base's (coefficient 0) minus
+      ``config.shift_tolerance`` (that constraint is the guard here), the one with the best
+      validation nDCG@5; the reported half is never scored here.
     """
     if not model.supports_alpha():
         return None, pd.DataFrame(columns=["alpha", "val_ndcg@5"])
@@ -135,11 +136,13 @@ def choose_alpha(
     table = pd.DataFrame(rows, columns=["alpha", "val_ndcg@5"] + (["shift_select_ndcg@5"] if selection is not None else []))
     if config.alpha is not None:
         return float(config.alpha), table
-    allowed = table
-    if selection is not None and not table.empty:
-        floor = table.loc[table["alpha"] == 0.0, "shift_select_ndcg@5"].item() - config.shift_tolerance
-        allowed = table[table["shift_select_ndcg@5"] >= floor]
-    if allowed.empty or allowed["val_ndcg@5"].isna().all():
-        return (0.5 if selection is None else float(allowed["alpha"].max())) if not allowed.empty else 0.0, table
-    best = allowed["val_ndcg@5"].max()
-    return float(allowed.loc[allowed["val_ndcg@5"] >= best - config.alpha_tolerance, "alpha"].min()), table
+    if selection is None:
+        if table.empty or table["val_ndcg@5"].isna().all():
+            return 0.5, table
+        best = table["val_ndcg@5"].max()
+        return float(table.loc[table["val_ndcg@5"] >= best - config.alpha_tolerance, "alpha"].min()), table
+    floor = table.loc[table["alpha"] == 0.0, "shift_select_ndcg@5"].item() - config.shift_tolerance
+    allowed = table[table["shift_select_ndcg@5"] >= floor]  # never empty: coefficient 0 is the base
+    if allowed["val_ndcg@5"].isna().all():
+        return float(allowed["alpha"].max()), table
+    return float(allowed.loc[allowed["val_ndcg@5"].idxmax(), "alpha"]), table
