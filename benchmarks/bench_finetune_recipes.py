@@ -36,11 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _machine import cpu_line  # noqa: E402
+from _machine import cpu_line
 
-from vrec_utils.catalog import load_catalog  # noqa: E402
-from vrec_utils.studies.recipe_study import HOLD_MARGIN, run_recipe_study  # noqa: E402
-from vrec_utils.train import RECIPES, FinetuneConfig  # noqa: E402
+from vrec_utils.catalog import load_catalog
+from vrec_utils.studies.recipe_study import HOLD_MARGIN, run_recipe_study
+from vrec_utils.train import RECIPES, FinetuneConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ FAST = FinetuneConfig(epochs=3, batch_size=32, lr=3e-3, warmup_steps=2, val_frac
 def reference_distillation(tuned: np.ndarray, base: np.ndarray) -> float:
     """Straight from the definition: mean over i != j of (cos(t_i, t_j) - cos(b_i, b_j))^2."""
     n, total = len(tuned), 0.0
-    cos = lambda u, v: float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))  # noqa: E731
+    cos = lambda u, v: float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
     for i in range(n):
         for j in range(n):
             if i != j:
@@ -67,8 +67,8 @@ def test_interpolate_state_endpoints_are_exact_and_the_middle_is_linear():
     at0 = interpolate_state(base, tuned, 0.0, prefix="image_head.")
     at1 = interpolate_state(base, tuned, 1.0, prefix="image_head.")
     mid = interpolate_state(base, tuned, 0.3, prefix="image_head.")
-    for key in base:
-        expected0 = base[key] if key.startswith("image_head.") else tuned[key]
+    for key, value in base.items():
+        expected0 = value if key.startswith("image_head.") else tuned[key]
         assert torch.equal(at0[key], expected0) and torch.equal(at1[key], tuned[key])
     w = "image_head.up.weight"
     torch.testing.assert_close(mid[w], 0.7 * base[w] + 0.3 * tuned[w])
@@ -103,7 +103,7 @@ def test_photo_augment_is_seeded_keeps_size_and_replaces_the_backdrop(sample_cat
     c = photo_augment(image, np.random.default_rng(4))
     assert a.size == image.size and np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
-    white = lambda im: float((np.asarray(im) >= 245).all(axis=-1).mean())  # noqa: E731
+    white = lambda im: float((np.asarray(im) >= 245).all(axis=-1).mean())
     assert white(image) > 0.2 and white(a) < 0.5 * white(image)
 
 
@@ -138,7 +138,7 @@ def test_shift_halves_split_by_sender_seeded_and_disjoint(shifted_catalog):
 def recipe_run(sample_catalog, shifted_catalog, tmp_path_factory):
     """A run with every recipe piece on: WiSE-FT chosen on the shift selection half, distillation,
     LP-FT, augmented views. Records every catalog whose image features are extracted."""
-    import vrec_utils.train.recipes as recipes
+    from vrec_utils.train import recipes
 
     seen: list[list[str]] = []
     real = recipes.extract_image_embeddings

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-
 from pathlib import Path
 
 from ..catalog import load_catalog
@@ -13,9 +12,23 @@ from ..models import get_model_entry
 from ..models.local import LOCAL_SCHEME
 from ..models.mini_siglip import read_model_json
 from ..studies.recipe_study import both_sides, default_shift_catalog, sides_text
-from ..train import RECIPES, SCHEDULES, SELECT_BY, TRAINABLE, FinetuneConfig, finetune, recipe_config
+from ..train import (
+    RECIPES,
+    SCHEDULES,
+    SELECT_BY,
+    TRAINABLE,
+    FinetuneConfig,
+    finetune,
+    recipe_config,
+)
 from ..train.recipes import DEFAULT_RECIPE
-from ._common import add_catalog_args, directory_path, non_negative_int, positive_int, print_json
+from ._common import (
+    add_catalog_args,
+    directory_path,
+    non_negative_int,
+    positive_int,
+    print_json,
+)
 
 _DEFAULTS = FinetuneConfig()
 

@@ -24,7 +24,16 @@ import torch
 from ..catalog import Catalog, Split, load_catalog, split_catalog
 from ..evaluation import evaluate_models
 from ..store import DEFAULT_WORKDIR
-from ..train import RECIPES, FinetuneConfig, default_run_dir, ensure_finetuned, extract_finetuned_embeddings, load_result, recipe_config, shift_halves
+from ..train import (
+    RECIPES,
+    FinetuneConfig,
+    default_run_dir,
+    ensure_finetuned,
+    extract_finetuned_embeddings,
+    load_result,
+    recipe_config,
+    shift_halves,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 #: The real shifted catalog (real photos by 90 senders; labels, no titles), when present.

@@ -24,26 +24,70 @@ from .config import (
     LOSS_INIT,
     MIXES,
     SCHEDULES,
-    SELECT_ON,
     SELECT_BY,
+    SELECT_ON,
     TRAINABLE,
     FinetuneConfig,
     parse_exclude,
 )
 from .embed import extract_finetuned_embeddings
 from .loop import CHECKPOINT, FinetuneResult, finetune, lr_factor
-from .loss import PAPER_BIAS, PAPER_T_PRIME, SigmoidLoss, sigmoid_loss, similarity_distillation
+from .loss import (
+    PAPER_BIAS,
+    PAPER_T_PRIME,
+    SigmoidLoss,
+    sigmoid_loss,
+    similarity_distillation,
+)
 from .pair_models import PairModel, create_pair_model, select_parameters
 from .pairs import PairSet, make_pairs, title_series
-from .recipes import RECIPES, SelectionSet, interpolate_state, photo_augment, recipe_config, shift_halves
+from .recipes import (
+    RECIPES,
+    SelectionSet,
+    interpolate_state,
+    photo_augment,
+    recipe_config,
+    shift_halves,
+)
 from .runs import default_run_dir, ensure_finetuned, find_finetuned, load_result
 from .validation import ALPHA_GRID, choose_alpha, label_ndcg
 
 __all__ = [
-    "ALPHA_GRID", "CHECKPOINT", "LOSS_INIT", "PAPER_BIAS", "PAPER_T_PRIME", "SCHEDULES", "SELECT_BY", "TRAINABLE",
-    "FinetuneConfig", "FinetuneResult", "PairModel", "PairSet", "SigmoidLoss", "choose_alpha", "create_pair_model",
-    "default_run_dir", "ensure_finetuned", "find_finetuned", "extract_finetuned_embeddings", "finetune", "label_ndcg", "load_result",
-    "lr_factor", "make_pairs", "parse_exclude", "select_parameters", "sigmoid_loss", "title_series",
-    "MIXES", "RECIPES", "SELECT_ON", "SelectionSet", "interpolate_state", "photo_augment", "recipe_config", "shift_halves",
+    "ALPHA_GRID",
+    "CHECKPOINT",
+    "LOSS_INIT",
+    "MIXES",
+    "PAPER_BIAS",
+    "PAPER_T_PRIME",
+    "RECIPES",
+    "SCHEDULES",
+    "SELECT_BY",
+    "SELECT_ON",
+    "TRAINABLE",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "PairModel",
+    "PairSet",
+    "SelectionSet",
+    "SigmoidLoss",
+    "choose_alpha",
+    "create_pair_model",
+    "default_run_dir",
+    "ensure_finetuned",
+    "extract_finetuned_embeddings",
+    "find_finetuned",
+    "finetune",
+    "interpolate_state",
+    "label_ndcg",
+    "load_result",
+    "lr_factor",
+    "make_pairs",
+    "parse_exclude",
+    "photo_augment",
+    "recipe_config",
+    "select_parameters",
+    "shift_halves",
+    "sigmoid_loss",
     "similarity_distillation",
+    "title_series",
 ]  # fmt: skip

@@ -33,12 +33,24 @@ from ..extract import (
 )
 from ..models import create_embedder, get_model_entry
 from ..models import mini_siglip as ms
-from ..models.local import LOCAL_SCHEME, TunedEmbedder, load_local_model, local_model_dir, save_tuned
+from ..models.local import (
+    LOCAL_SCHEME,
+    TunedEmbedder,
+    load_local_model,
+    local_model_dir,
+    save_tuned,
+)
 from .config import FinetuneConfig
 from .embed import extract_finetuned_embeddings
 from .loss import SigmoidLoss, similarity_distillation
 from .pairs import PairSet, title_series
-from .recipes import SelectionSet, augmented_features, interpolate_state, load_selection_set, wise_ft_heads
+from .recipes import (
+    SelectionSet,
+    augmented_features,
+    interpolate_state,
+    load_selection_set,
+    wise_ft_heads,
+)
 
 
 class PairModel(ABC):

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from PIL import Image, ImageEnhance, ImageFilter
+from torch import nn
 
 from ..catalog import Catalog, hash_unit_interval, load_catalog
 from ..extract import extract_image_embeddings
