@@ -144,8 +144,10 @@ def split_transform(transform) -> tuple[PilStage, BatchNormalize] | None:
     if not isinstance(transform, Compose) or len(transform.transforms) < 2:
         return None
     *pil, to_tensor, normalize = transform.transforms
-    if type(to_tensor) is not ToTensor or type(normalize) is not Normalize or normalize.inplace:
+    # ToTensor subclasses (open_clip's MaybeToTensor) convert PIL images the same way; every step
+    # before it receives a PIL image in the original too, so it stays in the PIL stage unchanged
+    if not isinstance(to_tensor, ToTensor) or type(normalize) is not Normalize or normalize.inplace:
         return None
-    if any(isinstance(step, (ToTensor, Normalize, torch.nn.Module)) and not isinstance(step, (Resize, CenterCrop)) for step in pil):
-        return None  # a tensor step among the PIL ones: not a split this function knows to be exact
+    if any(isinstance(step, (ToTensor, Normalize)) for step in pil):
+        return None
     return PilStage(pil), BatchNormalize(normalize.mean, normalize.std)
