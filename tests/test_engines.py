@@ -182,3 +182,18 @@ def test_efficientnet_lite0_real_weights_on_200_real_images(ov, fashion_small_di
         ov_bf16 = (run(bf16_engine) * reference).sum(1)
         torch_bf16 = (run(select_engine("torch", embedder, "bf16", tmp_path)) * reference).sum(1)
         assert ov_bf16.min() >= torch_bf16.min() and ov_bf16.mean() >= 0.998
+
+
+def test_search_by_image_with_openvino_finds_what_torch_finds(ov, tmp_path, small_catalog, capsys):
+    from vrec_utils.search import search_by_image
+
+    catalog = small_catalog.head(40)
+    extract_image_embeddings(catalog, NormalizedConvEmbedder(), tmp_path, num_workers=0, precision="fp32", progress=False)
+    queries = catalog.items["image"].tolist()[:3]
+    found = {
+        engine: search_by_image(catalog, tmp_path, NormalizedConvEmbedder.name, queries, 5, embedder=NormalizedConvEmbedder(), engine=engine)
+        for engine in ("torch", "openvino")
+    }
+    assert found["openvino"]["item_id"].tolist() == found["torch"]["item_id"].tolist()
+    assert found["openvino"].groupby("query_image", sort=False)["item_id"].first().tolist() == catalog.ids[:3]  # each image finds itself first
+    assert "engine: openvino f32" in capsys.readouterr().err
