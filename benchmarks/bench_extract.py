@@ -34,13 +34,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_line  # noqa: E402
+from _machine import cpu_line
 
-from vrec_utils.catalog import load_catalog  # noqa: E402
-from vrec_utils.engines import openvino_engine, select_engine  # noqa: E402
-from vrec_utils.extract import extract_image_embeddings  # noqa: E402
-from vrec_utils.images import load_rgb, split_transform  # noqa: E402
-from vrec_utils.models import create_embedder, get_model_entry  # noqa: E402
+from vrec_utils.catalog import load_catalog
+from vrec_utils.engines import openvino_engine, select_engine
+from vrec_utils.extract import extract_image_embeddings
+from vrec_utils.images import load_rgb, split_transform
+from vrec_utils.models import create_embedder, get_model_entry
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-small"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: vrec's)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--forward-seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=None, help="results CSV (default: benchmarks/results/extract-<host>.csv)")
     parser.add_argument("--note", default="", help="saved with the results, e.g. 'cores shared with other jobs'")
     args = parser.parse_args()
 
@@ -148,7 +149,7 @@ def main() -> None:
     print()
     print(frame.drop(columns=["cpu", "why", "images", "note"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"extract-{platform.node() or 'host'}.csv"
+    out = args.out or RESULTS / f"extract-{platform.node() or 'host'}.csv"
     frame.to_csv(out, index=False)
     print(f"saved {out}")
 

@@ -13,14 +13,14 @@ import torch
 from test_extract import SmallConvEmbedder
 from vrec_utils import engines
 from vrec_utils.catalog import load_catalog
-from vrec_utils.engines import openvino_engine, select_engine
+from vrec_utils.engines import select_engine
 from vrec_utils.extract import extract_image_embeddings
 from vrec_utils.images import load_rgb, split_transform
 from vrec_utils.models import create_embedder
 from vrec_utils.models.base import ModelUnavailableError
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(name: str, weights: str | None = None):
     return create_embedder(name, weights=weights, device="cpu")
 

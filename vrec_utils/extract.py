@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .catalog import Catalog
-from .engines import PRECISIONS, TorchEngine, autocast_context, bf16_is_native, resolve_precision, select_engine
-from .engines.torch_engine import FrozenCNNEncoder
+from .engines import autocast_context, resolve_precision, select_engine
 from .images import ImageLoadError, load_rgb, split_transform
 from .models.base import Embedder
 from .store import EmbeddingCache, Embeddings

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from ..catalog import load_catalog
-from ..engines import ENGINES
-from ..extract import PRECISIONS, extract_image_embeddings, extract_text_embeddings
+from ..engines import ENGINES, PRECISIONS
+from ..extract import extract_image_embeddings, extract_text_embeddings
 from ..models import create_embedder
 from ._common import UserError, add_catalog_args, add_model_args, non_negative_int, positive_int, print_json
 

@@ -90,7 +90,7 @@ class OpenVINOEngine:
                 warnings.simplefilter("ignore")  # TracerWarnings
                 model = ov.convert_model(module, example_input=example.contiguous())
             model.reshape({model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
-        except Exception as exc:  # noqa: BLE001 - the converter raises many types; all mean "does not export"
+        except Exception as exc:  # the converter raises many types; all mean "does not export"
             raise ExportError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'}") from exc
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=self.directory.parent))
