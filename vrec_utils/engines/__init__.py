@@ -26,7 +26,7 @@ def select_engine(name: str, embedder: Embedder, precision: str, cache_root: str
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
     precision = resolve_precision(precision, embedder.device)
     if name == "torch":
-        return TorchEngine(embedder, precision, "torch: asked for (--engine torch)")
+        return TorchEngine(embedder, precision, "torch: --engine torch (the default)")
     installed = openvino_module() is not None
     if name == "openvino":
         if not installed:
