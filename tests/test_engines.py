@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -110,6 +111,11 @@ def test_cli_extract_engine_openvino_without_the_extra_is_one_line(tmp_path, sam
 # ---------------------------------------------------------------------------------------- OpenVINO
 @pytest.fixture
 def ov():
+    # Known issue: after these tests compile OpenVINO models, the same pytest process segfaulted in
+    # test_extract's real-model bf16 run (torch JIT + OpenVINO in one process). Until that is
+    # understood they run on their own: VREC_OPENVINO_TESTS=1 pytest tests/test_engines.py
+    if os.environ.get("VREC_OPENVINO_TESTS") != "1":
+        pytest.skip("OpenVINO tests run on their own: VREC_OPENVINO_TESTS=1 pytest tests/test_engines.py")
     return pytest.importorskip("openvino")
 
 
