@@ -1,19 +1,29 @@
-"""Images/s of `vrec extract` against the source article's straightforward loop, same images and model.
+"""Where extraction time goes, per model and engine, against the source article's plain loop.
+
+For each model and engine (torch, openvino when installed) on the same images:
+
+* ``prep img/s``: decode + preprocess alone (one process: the PIL stage, then the batch tensor stage);
+* ``forward img/s``: the engine's forward pass alone, on a batch already in memory;
+* ``pipeline img/s``: ``vrec extract`` steady rate (DataLoader workers + engine + cache writes),
+  and ``pipeline/forward``, the share of the forward rate the pipeline keeps (target >= 0.9 for
+  ResNet50 and SigLIP-B/16, >= 0.8 for efficientnet-lite0);
+* ``whole vs article``: the article loop's seconds over the whole ``extract_image_embeddings``
+  call's (model export/compile and cache writes included): how many times faster the whole is.
 
 The article's loop: open a batch of images with PIL, run the model's preprocessing, forward in
-fp32 under ``no_grad``, one process, no DataLoader. vrec: DataLoader workers decode while the model
-runs, ``inference_mode``, channels_last for CNNs, bf16 autocast where the CPU/GPU runs it natively.
-
-Models without offline weights (resnet50, siglip-base) are timed with the real architecture and
-random weights (``--weights random``): the arithmetic is the same as with the trained weights.
+fp32 under ``no_grad``, one process, no DataLoader. Models without offline weights (resnet50,
+siglip-base) run with the real architecture and random weights: the arithmetic is the same.
+Results are printed and saved to benchmarks/results/extract-<host>.csv.
 
     .venv/bin/python benchmarks/bench_extract.py --n 512
-    .venv/bin/python benchmarks/bench_extract.py --models efficientnet-lite0 --n 12000   # the full run
+    .venv/bin/python benchmarks/bench_extract.py --models efficientnet-lite0 --n 1024 --engines openvino
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +33,17 @@ import pandas as pd
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_line
+
 from vrec_utils.catalog import load_catalog
+from vrec_utils.engines import openvino_engine, select_engine
 from vrec_utils.extract import extract_image_embeddings
+from vrec_utils.images import load_rgb, split_transform
 from vrec_utils.models import create_embedder, get_model_entry
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-small"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def article_loop(embedder, paths: list[str], batch_size: int) -> tuple[float, np.ndarray]:
@@ -42,46 +58,100 @@ def article_loop(embedder, paths: list[str], batch_size: int) -> tuple[float, np
     return time.perf_counter() - start, np.concatenate(outputs)
 
 
+def prep_rate(embedder, paths: list[str], batch_size: int) -> float:
+    split = split_transform(embedder.image_transform)
+    start = time.perf_counter()
+    for begin in range(0, len(paths), batch_size):
+        images = [load_rgb(p) for p in paths[begin : begin + batch_size]]
+        if split:
+            split[1](torch.from_numpy(np.stack([split[0](im) for im in images])))
+        else:
+            torch.stack([embedder.image_transform(im) for im in images])
+    return len(paths) / (time.perf_counter() - start)
+
+
+def forward_rate(engine, pixels: torch.Tensor, seconds: float) -> float:
+    engine.encode_images(pixels)  # warm-up (and the torch trace)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        engine.encode_images(pixels)
+        done += len(pixels)
+    return done / (time.perf_counter() - start)
+
+
+def measure(name: str, engine_name: str, catalog, args, base_s: float, base_vecs: np.ndarray, prep: float) -> dict:
+    offline = get_model_entry(name)[0].offline
+    embedder = create_embedder(name, weights=None if offline else "random", device="cpu")
+    paths = catalog.items["image"].tolist()
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as workdir:
+        start = time.perf_counter()  # the whole call: export/compile (or trace) and cache writes too
+        result = extract_image_embeddings(
+            catalog, embedder, workdir, batch_size=args.batch_size, num_workers=args.workers,
+            precision=args.precision, engine=engine_name, progress=False,
+        )  # fmt: skip
+        whole = time.perf_counter() - start
+        engine = select_engine(engine_name, embedder, args.precision, workdir)  # reuses what the run compiled
+        images = [load_rgb(p) for p in paths[: args.batch_size]]
+        forward = forward_rate(engine, torch.stack([embedder.image_transform(im) for im in images]), args.forward_seconds)
+    vecs = np.asarray(result.embeddings.vectors)
+    base_norm = base_vecs / np.linalg.norm(base_vecs, axis=1, keepdims=True)
+    return {
+        "model": name,
+        "weights": "real" if offline else "random (same arithmetic)",
+        "engine": f"{result.engine} {result.precision}",
+        "prep img/s": prep,
+        "forward img/s": forward,
+        "pipeline img/s": result.images_per_second,
+        "pipeline/forward": result.images_per_second / forward,
+        "article img/s": len(paths) / base_s,
+        "whole vs article": base_s / whole,
+        "min cosine vs fp32": float(np.min(np.sum(base_norm * vecs, axis=1))),
+        "why": result.engine_reason.split(" in /")[0],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
     parser.add_argument("--models", default="efficientnet-lite0,resnet50,siglip-base")
+    parser.add_argument("--engines", default="torch,openvino")
     parser.add_argument("--n", type=int, default=512, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: vrec's)")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--forward-seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=None, help="results CSV (default: benchmarks/results/extract-<host>.csv)")
+    parser.add_argument("--note", default="", help="saved with the results, e.g. 'cores shared with other jobs'")
     args = parser.parse_args()
 
+    engines = args.engines.split(",")
+    if "openvino" in engines and openvino_engine.openvino_module() is None:
+        print(f"OpenVINO not installed, timing torch only ({openvino_engine.INSTALL})")
+        engines = [e for e in engines if e != "openvino"]
     catalog = load_catalog(args.catalog).head(args.n)
     paths = catalog.items["image"].tolist()
+    print(cpu_line())
     print(f"{len(paths)} images from {args.catalog}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
     rows = []
     for name in args.models.split(","):
         offline = get_model_entry(name)[0].offline
-        weights = None if offline else "random"
-        embedder = create_embedder(name, weights=weights, device="cpu")
+        embedder = create_embedder(name, weights=None if offline else "random", device="cpu")
         article_loop(embedder, paths[: args.batch_size], args.batch_size)  # warm-up
         base_s, base_vecs = article_loop(embedder, paths, args.batch_size)
-        with tempfile.TemporaryDirectory() as workdir:
-            result = extract_image_embeddings(
-                catalog, embedder, workdir, batch_size=args.batch_size, precision=args.precision, progress=False
-            )
-            vecs = np.asarray(result.embeddings.vectors)
-        base_norm = base_vecs / np.linalg.norm(base_vecs, axis=1, keepdims=True)
-        cosine = float(np.min(np.sum(base_norm * vecs, axis=1)))
-        rows.append(
-            {
-                "model": name,
-                "weights": "real" if offline else "random (same arithmetic)",
-                "article img/s": len(paths) / base_s,
-                "vrec img/s": result.images_per_second,
-                "speed-up": (len(paths) / result.seconds) / (len(paths) / base_s),
-                "precision": result.precision,
-                "min cosine vs fp32": cosine,
-            }
-        )
-        print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+        prep = prep_rate(embedder, paths, args.batch_size)
+        del embedder
+        for engine_name in engines:
+            rows.append(measure(name, engine_name, catalog, args, base_s, base_vecs, prep))
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "cpu", cpu_line())
+    frame["images"], frame["note"] = len(paths), args.note
     print()
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(frame.drop(columns=["cpu", "why", "images", "note"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    RESULTS.mkdir(exist_ok=True)
+    out = args.out or RESULTS / f"extract-{platform.node() or 'host'}.csv"
+    frame.to_csv(out, index=False)
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from torchvision import transforms
 
 from hostile import READABLE, UNREADABLE, make_hostile_catalog
 from vrec_utils.catalog import load_catalog
-from vrec_utils.extract import extract_image_embeddings, resolve_precision
+from vrec_utils.engines import resolve_precision
+from vrec_utils.extract import extract_image_embeddings
 from vrec_utils.models.base import Embedder
 from vrec_utils.store import EmbeddingsNotFoundError, VectorStore, list_caches, load_embeddings
 
@@ -148,7 +149,7 @@ def test_kill_9_then_resume_with_real_model(tmp_path, sample_dir):
 
 
 def test_frozen_bf16_cnn_encoder_matches_eager_on_any_batch_size():
-    from vrec_utils.extract import FrozenCNNEncoder
+    from vrec_utils.engines.torch_engine import FrozenCNNEncoder
 
     embedder = SmallConvEmbedder()
     encoder = FrozenCNNEncoder(embedder, "bf16")

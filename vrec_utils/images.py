@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~ 7000 x 7000; catalogue photos are far smaller
@@ -87,3 +88,66 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
             scaled = arr
     grey = Image.fromarray(np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8), mode="L")
     return grey.convert("RGB")
+
+
+# ------------------------------------------------------------------ preprocessing split for batches
+class PilStage:
+    """The PIL part of a split transform (resize, crop, ...): image -> uint8 array (H, W, 3).
+    Picklable, so DataLoader workers run it; its output is a quarter of the float tensor's size."""
+
+    def __init__(self, steps: list) -> None:
+        self.steps = steps
+
+    def __call__(self, im: Image.Image) -> np.ndarray:
+        for step in self.steps:
+            im = step(im)
+        array = np.asarray(im, dtype=np.uint8)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"preprocessing gave an array of shape {array.shape}, not (H, W, 3)")
+        return array
+
+    def __repr__(self) -> str:
+        return f"PilStage({self.steps!r})"
+
+
+class BatchNormalize:
+    """The tensor part of a split transform, run once per batch: uint8 (B, H, W, 3) -> float
+    (B, 3, H, W), ``x / 255`` then ``(x - mean) / std``: the same operations, in the same order,
+    as ``ToTensor`` + ``Normalize`` on each image, so the pixels are identical. The result is
+    channels_last in memory (what the CNNs want) at no cost: it is a view of the HWC batch."""
+
+    def __init__(self, mean, std) -> None:
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = batch.permute(0, 3, 1, 2).float().div_(255)
+        return pixels.sub_(self.mean).div_(self.std)
+
+
+def split_transform(transform) -> tuple[PilStage, BatchNormalize] | None:
+    """Split a per-image transform into a PIL stage (workers) and a per-batch tensor stage, when it
+    is the common shape ``[PIL steps..., ToTensor(), Normalize(mean, std)]`` (a torchvision
+    ``Compose``) or torchvision's ``ImageClassification`` preset; None for anything else, which
+    then runs whole, per image, as before."""
+    from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
+    from torchvision.transforms._presets import ImageClassification
+
+    if isinstance(transform, ImageClassification):
+        if not isinstance(transform.crop_size, list) or not isinstance(transform.resize_size, list):
+            return None
+        pil = [
+            Resize(transform.resize_size, interpolation=transform.interpolation, antialias=transform.antialias),
+            CenterCrop(transform.crop_size),
+        ]
+        return PilStage(pil), BatchNormalize(transform.mean, transform.std)
+    if not isinstance(transform, Compose) or len(transform.transforms) < 2:
+        return None
+    *pil, to_tensor, normalize = transform.transforms
+    # ToTensor subclasses (open_clip's MaybeToTensor) convert PIL images the same way; every step
+    # before it receives a PIL image in the original too, so it stays in the PIL stage unchanged
+    if not isinstance(to_tensor, ToTensor) or type(normalize) is not Normalize or normalize.inplace:
+        return None
+    if any(isinstance(step, (ToTensor, Normalize)) for step in pil):
+        return None
+    return PilStage(pil), BatchNormalize(normalize.mean, normalize.std)

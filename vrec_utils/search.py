@@ -12,15 +12,17 @@ embeddings have not changed).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from .catalog import Catalog
-from .extract import autocast_context
+from .engines import autocast_context, select_engine
 from .images import ImageLoadError, load_rgb
 from .index import VectorIndex, build_index
 from .models.base import Embedder, TextNotSupportedError
@@ -82,10 +84,12 @@ def search_by_image(
     backend: str = "faiss",
     index: VectorIndex | None = None,
     allow_partial: bool = False,
+    engine: str = "torch",
     **index_config: Any,
 ) -> pd.DataFrame:
     """Visual search: the ``k`` catalog items closest to each query image (files or PIL images,
-    which need not be in the catalog). ``filters`` (e.g. ``{"gender": "Women"}``) restrict results."""
+    which need not be in the catalog). ``filters`` (e.g. ``{"gender": "Women"}``) restrict results.
+    ``engine`` (torch, openvino, auto) embeds the queries; which one ran and why goes to stderr."""
     items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
     if not items:
         raise ValueError("no query image given")
@@ -106,8 +110,14 @@ def search_by_image(
     index = _index(index, workdir, catalog, model, backend, index_config, allow_partial)
     embedder = _embedder(embedder, model, weights, device)
     precision = _check_same_weights(embedder, workdir, catalog, model)
-    with autocast_context(precision, embedder.device):  # queries in the catalog's precision
-        vectors = embedder.embed_images(pictures)
+    if engine == "torch":
+        with autocast_context(precision, embedder.device):  # queries in the catalog's precision
+            vectors = embedder.embed_images(pictures)
+    else:
+        runner = select_engine(engine, embedder, precision, workdir)
+        print(f"engine: {runner.reason}", file=sys.stderr)
+        pixels = torch.stack([embedder.image_transform(picture) for picture in pictures])
+        vectors = torch.nn.functional.normalize(runner.encode_images(pixels), dim=-1).numpy()
     return _search_frame(index, vectors, k, filters, catalog, "query_image", names)
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..catalog import load_catalog
+from ..engines import ENGINES
 from ..search import recommend, search_by_image, search_by_text
 from ._common import UserError, add_allow_partial_arg, add_catalog_args, add_model_args, positive_int, print_frame
 from .index_cmd import add_backend_args, index_config
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--image", action="append", type=Path, metavar="PATH", help="query image file (repeat for several)")
     what.add_argument("--text", action="append", metavar="TEXT", help='query text, e.g. "red summer dress" (repeat for several)')
     s.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
+    s.add_argument("--engine", choices=ENGINES, default="torch", help="engine that embeds query images: torch, openvino (CPU) or auto")
     s.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE", help="keep only items with this label value (repeatable)")
     add_backend_args(s)
     s.add_argument("--json", action="store_true", help="print the results as JSON records")
@@ -69,7 +71,9 @@ def run_search(args: argparse.Namespace) -> int:
     config = index_config(args)
     common = dict(weights=args.weights, device=args.device, filters=filters or None, backend=args.backend, allow_partial=args.allow_partial, **config)
     if args.image:
-        frame = search_by_image(catalog, args.workdir, args.model, args.image, args.k, **common)
+        frame = search_by_image(catalog, args.workdir, args.model, args.image, args.k, engine=args.engine, **common)
+    elif args.engine == "openvino":
+        raise UserError("vrec search --text: --engine openvino runs image towers only for now; drop --engine")
     else:
         frame = search_by_text(catalog, args.workdir, args.model, args.text, args.k, **common)
     print_frame(frame, as_json=args.json)
