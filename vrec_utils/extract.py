@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -149,9 +150,15 @@ def extract_image_embeddings(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     lock_timeout: float | None = None,
+    runner: "BatchRunner | None" = None,
 ) -> ExtractResult:
     """Embed the catalog's images (the first ``limit`` if given), reusing every vector of the
-    same content already in the cache (whichever catalog it was made for)."""
+    same content already in the cache (whichever catalog it was made for).
+
+    ``runner`` embeds the items still to do and files them through the cache (the local
+    DataLoader pipeline by default; :mod:`vrec_utils.runners.ray_runner` spreads the work over a
+    Ray cluster). Whatever runs the model, this function owns the cache: one writer, the same
+    chunks, manifest and skipped-items file."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not embedder.has_image:
@@ -164,7 +171,9 @@ def extract_image_embeddings(
         todo = items.loc[_todo(items, cache)]
         start = time.perf_counter()
         skipped: dict[str, str] = {}
-        if len(todo):
+        if len(todo) and runner is not None:
+            skipped = runner(todo, embedder, cache, batch_size=batch_size, precision=precision, normalize=normalize, chunk_size=chunk_size, progress=progress)
+        elif len(todo):
             skipped = _run_image_batches(
                 todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress
             )
@@ -185,6 +194,48 @@ def extract_image_embeddings(
     )
 
 
+class BatchRunner(Protocol):
+    """Embeds ``todo`` (catalog rows with an ``image`` column) and files every vector through
+    ``ChunkWriter(cache, ...)``; returns ``{id: reason}`` for the images it could not read."""
+
+    def __call__(self, todo: pd.DataFrame, embedder: Embedder, cache: EmbeddingCache, *, batch_size: int, precision: str, normalize: bool, chunk_size: int, progress: bool) -> dict[str, str]: ...
+
+
+class ChunkWriter:
+    """Collects (id, vector) pairs and files them as cache chunks of ``chunk_size``: the one
+    write path of every runner. An id arriving twice (a retried task) is filed once; an
+    unreadable image is reported once, on stderr and in the returned ``skipped``."""
+
+    def __init__(self, cache: EmbeddingCache, chunk_size: int) -> None:
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.skipped: dict[str, str] = {}
+        self.seen: set[str] = set()
+        self.pending_ids: list[str] = []
+        self.pending_vecs: list[np.ndarray] = []
+
+    def add(self, ids: list[str], vectors: np.ndarray) -> None:
+        fresh = [n for n, i in enumerate(ids) if i not in self.seen]
+        if len(fresh) < len(ids):
+            ids, vectors = [ids[n] for n in fresh], vectors[fresh]
+        self.seen.update(ids)
+        if ids:
+            self.pending_ids.extend(ids)
+            self.pending_vecs.append(np.asarray(vectors, dtype=np.float32))
+        if len(self.pending_ids) >= self.chunk_size:
+            self.flush()
+
+    def skip(self, item_id: str, reason: str) -> None:
+        if item_id not in self.skipped:
+            self.skipped[item_id] = reason
+            tqdm.write(f"skipped {item_id}: {reason}", file=sys.stderr)
+
+    def flush(self) -> None:
+        if self.pending_ids:
+            self.cache.append(self.pending_ids, np.concatenate(self.pending_vecs))
+        self.pending_ids, self.pending_vecs = [], []
+
+
 def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress):
     ids = todo.index.tolist()
     dataset = ImageDataset(todo["image"].tolist(), embedder.image_transform)
@@ -198,27 +249,19 @@ def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
-    skipped: dict[str, str] = {}
-    pending_ids: list[str] = []
-    pending_vecs: list[np.ndarray] = []
+    writer = ChunkWriter(cache, chunk_size)
     encoder = FrozenCNNEncoder(embedder, precision)
     bar = tqdm(total=len(ids), desc=f"embed {embedder.name}", unit="img", disable=not progress, file=sys.stderr)
     with torch.inference_mode(), autocast_context(precision, embedder.device), bar:  # bar: closed on errors too
         for positions, pixels, failed in loader:
             for pos, reason in failed:
-                skipped[ids[pos]] = reason
-                tqdm.write(f"skipped {ids[pos]}: {reason}", file=sys.stderr)
+                writer.skip(ids[pos], reason)
             if pixels is not None:
-                pending_ids.extend(ids[p] for p in positions)
-                pending_vecs.append(_encode(embedder, encoder, pixels, normalize))
-            if len(pending_ids) >= chunk_size:
-                cache.append(pending_ids, np.concatenate(pending_vecs))
-                pending_ids, pending_vecs = [], []
+                writer.add([ids[p] for p in positions], _encode(embedder, encoder, pixels, normalize))
             bar.update(len(positions) + len(failed))
-    if pending_ids:
-        cache.append(pending_ids, np.concatenate(pending_vecs))
+    writer.flush()
     bar.close()
-    return skipped
+    return writer.skipped
 
 
 class FrozenCNNEncoder:
