@@ -22,8 +22,9 @@ def test_sharded_ondisk_ivf_equals_in_memory_ivf_with_the_same_training(real, tm
     vectors = np.ascontiguousarray(embeddings.vectors, dtype=np.float32)
     n, dim = vectors.shape
     sq8 = plan_ivf(n, dim, memory_budget=10**9, nlist=6, nprobe=2)
-    plan = sq8 if code_budget == "SQ8" else plan_ivf(n, dim, memory_budget=sq8.index_bytes(n) - 1, nlist=6, nprobe=2)
-    assert plan.code == "SQ8" if code_budget == "SQ8" else plan.code.startswith("PQ")
+    pq8_bytes = n * (8 + ivf_ondisk.ID_BYTES) + 6 * dim * 4  # a budget that fits 8 bytes per vector, not 10
+    plan = sq8 if code_budget == "SQ8" else plan_ivf(n, dim, memory_budget=pq8_bytes + n - 1, nlist=6, nprobe=2)
+    assert plan.code == ("SQ8" if code_budget == "SQ8" else "PQ8")
     ondisk = build(plan, shards_of(ids, vectors, 70), tmp_path / "ivf", sample=vectors, workers=2)
     assert len(ondisk) == n and (tmp_path / "ivf" / "lists.ivfdata").stat().st_size > 0
     assert not list((tmp_path / "ivf").glob("shard-*.index"))  # merged, then removed
@@ -47,9 +48,10 @@ def test_memory_budget_chooses_sq8_then_smaller_pq_codes():
     assert plan_ivf(n, dim, 4 * 2**30).code == "SQ8"  # 10M x (256 + 8) B = 2.6 GB
     pq = plan_ivf(n, dim, 2 * 2**30)
     assert pq.code.startswith("PQ") and pq.index_bytes(n) <= 2 * 2**30
-    bigger = plan_ivf(n, dim, 3 * 2**30 // 2 + 2**30)
-    assert int(bigger.code[2:]) >= int(pq.code[2:])
-    assert pq.coarse == "flat" and plan_ivf(100_000_000, dim, 2**40).coarse == "hnsw32"
+    smaller = plan_ivf(n, dim, 2**30)
+    assert smaller.code.startswith("PQ") and smaller.index_bytes(n) <= 2**30
+    assert int(smaller.code[2:]) < int(pq.code[2:])  # less memory: fewer bytes per vector
+    assert (pq.nlist, pq.coarse) == (16384, "hnsw32") and plan_ivf(100_000, dim, 2**40).coarse == "flat"
     with pytest.raises(ValueError, match="memory budget"):
         plan_ivf(n, dim, 10**6)
 

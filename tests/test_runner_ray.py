@@ -31,6 +31,8 @@ N_IMAGES = 300
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
+    # Ray renices its workers to 15; on a machine shared with other jobs they would starve
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
         # workers import this checkout and the test helpers (the venv's editable install may be another checkout)
