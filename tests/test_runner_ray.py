@@ -185,3 +185,20 @@ def test_runner_ray_without_ray_fails_fast_with_the_install_command(monkeypatch,
 def test_ray_flags_need_runner_ray(capsys, sample_dir, tmp_path):
     code = main(["extract", "--catalog", str(sample_dir), "--model", "efficientnet-lite0", "--workdir", str(tmp_path), "--gpus-per-worker", "1"])
     assert code == 2 and "--gpus-per-worker needs --runner ray" in capsys.readouterr().err
+
+
+def test_ivf_shards_filled_in_ray_tasks_equal_a_threaded_build(ray_cluster, tmp_path):
+    from vrec_utils.index.ivf_ondisk import build, plan_ivf
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.asarray([f"item{i}" for i in range(len(vectors))])
+    shards = [(ids[b : b + 500], vectors[b : b + 500]) for b in range(0, len(ids), 500)]
+    plan = plan_ivf(len(vectors), 32, 10**9, nlist=16, nprobe=4)
+    on_ray = build(plan, shards, tmp_path / "ray", sample=vectors, parallel="ray")
+    threaded = build(plan, shards, tmp_path / "threads", sample=vectors, parallel="threads")
+    a_ids, a_scores = on_ray.search(vectors[:100], 10)
+    b_ids, b_scores = threaded.search(vectors[:100], 10)
+    assert a_ids.tolist() == b_ids.tolist() and a_ids[:, 0].tolist() == ids[:100].tolist()
+    np.testing.assert_array_equal(a_scores, b_scores)

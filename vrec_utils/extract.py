@@ -174,7 +174,7 @@ def extract_image_embeddings(
         if len(todo) and runner is not None:
             skipped = runner(todo, embedder, cache, batch_size=batch_size, precision=precision, normalize=normalize, chunk_size=chunk_size, progress=progress)
         elif len(todo):
-            skipped = _run_image_batches(
+            skipped = run_image_batches(
                 todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress
             )
         seconds = time.perf_counter() - start
@@ -236,7 +236,7 @@ class ChunkWriter:
         self.pending_ids, self.pending_vecs = [], []
 
 
-def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress):
+def run_image_batches(todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress):
     ids = todo.index.tolist()
     dataset = ImageDataset(todo["image"].tolist(), embedder.image_transform)
     workers = default_num_workers() if num_workers is None else num_workers
@@ -257,7 +257,7 @@ def _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision
             for pos, reason in failed:
                 writer.skip(ids[pos], reason)
             if pixels is not None:
-                writer.add([ids[p] for p in positions], _encode(embedder, encoder, pixels, normalize))
+                writer.add([ids[p] for p in positions], encode_batch(embedder, encoder, pixels, normalize))
             bar.update(len(positions) + len(failed))
     writer.flush()
     bar.close()
@@ -313,7 +313,7 @@ class _EncodeImage(torch.nn.Module):
         return self.embedder.encode_image(pixels)
 
 
-def _encode(embedder: Embedder, encoder, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
+def encode_batch(embedder: Embedder, encoder, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
     pixels = pixels.to(embedder.device, non_blocking=True)
     if embedder.prefers_channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)

@@ -115,7 +115,7 @@ def fill_shard(trained_path: str, vectors: np.ndarray, first_label: int, out_pat
 
 def build(
     plan: IvfPlan,
-    shards: Iterable[tuple[Sequence[str], np.ndarray]],
+    shards: Iterable[tuple[Sequence[str] | None, np.ndarray]],
     directory: str | os.PathLike,
     *,
     sample: np.ndarray,
@@ -125,7 +125,8 @@ def build(
     seed: int = 0,
 ) -> "OnDiskIvfIndex":
     """Train on ``sample``, fill one index per shard (``parallel``: ``"threads"`` or ``"ray"``,
-    the Ray cluster this process has joined), merge them on disk and open the result."""
+    the Ray cluster this process has joined), merge them on disk and open the result. A shard's
+    ids may be None: its items are then named by their row number over all shards."""
     start = time.perf_counter()
     directory = Path(directory)
     trained = str(train(plan, sample, directory, seed=seed))
@@ -138,7 +139,7 @@ def build(
             out = str(directory / f"shard-{n:05d}.index")
             args = (trained, np.asarray(vectors, dtype=np.float32), first, out)
             pending.append(fill(*args) if fill else pool.submit(fill_shard, *args))
-            ids.append(np.asarray(shard_ids, dtype=str))
+            ids.append(np.arange(first, first + len(vectors)).astype(str) if shard_ids is None else np.asarray(shard_ids, dtype=str))
             first += len(vectors)
         shard_paths = _gather(pending, parallel)
     merge(directory, shard_paths, np.concatenate(ids) if ids else np.asarray([], dtype=str), plan, keep_shards=keep_shards)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
-from ..extract import BatchRunner, _run_image_batches
+from ..extract import BatchRunner, run_image_batches
 
 
 def local_runner(num_workers: int | None = None) -> BatchRunner:
     """DataLoader workers decode while this process runs the model (``None``: cores - 1, at most 4)."""
 
     def run(todo, embedder, cache, *, batch_size, precision, normalize, chunk_size, progress):
-        return _run_image_batches(todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress)
+        return run_image_batches(todo, embedder, cache, batch_size, num_workers, precision, normalize, chunk_size, progress)
 
-    return functools.update_wrapper(run, _run_image_batches)
+    return run

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..extract import ChunkWriter, FrozenCNNEncoder, ImageDataset, _encode, autocast_context
+from ..extract import ChunkWriter, FrozenCNNEncoder, ImageDataset, autocast_context, encode_batch
 from ..models.base import Embedder
 from ..store import EmbeddingCache
 
@@ -137,7 +137,7 @@ class EmbedActor:
             if self.embedder.device.type == "cuda":
                 pixels = pixels.pin_memory()  # lets the copy to the GPU overlap (non_blocking)
             with torch.inference_mode(), autocast_context(self.precision, self.embedder.device):
-                vectors[ok] = _encode(self.embedder, self.encoder, pixels, self.normalize)
+                vectors[ok] = encode_batch(self.embedder, self.encoder, pixels, self.normalize)
         return {"id": batch["id"], "error": batch["error"], "vector": vectors}
 
 
