@@ -24,9 +24,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from _machine import REAL_MODEL, cpu_line
 from sklearn.decomposition import PCA
 
-from _machine import REAL_MODEL, cpu_line
 from vrec_utils.catalog import load_catalog
 from vrec_utils.extract import extract_image_embeddings
 from vrec_utils.index.ivf_ondisk import OnDiskIvfIndex, build, plan_ivf, recall_at_k
@@ -69,6 +69,7 @@ def exact_top_k(base, n_shards, size, sigma, queries, k):
 def search_only(directory: str, queries_path: str, nprobes: list[int]) -> None:
     """Child process: open the index memory-mapped, search, report resident memory (JSON)."""
     queries = np.load(queries_path)
+    before = _rss_mb()
     index = OnDiskIvfIndex.open(directory)
     out = {"default_nprobe": index.nprobe, "runs": []}
     for nprobe in [index.nprobe, *nprobes]:
@@ -77,14 +78,24 @@ def search_only(directory: str, queries_path: str, nprobes: list[int]) -> None:
         seconds = time.perf_counter() - start
         np.save(f"{queries_path}.nprobe{nprobe}.npy", labels)
         out["runs"].append({"nprobe": nprobe, "seconds": seconds})
+    out["rss_before_open_mb"] = before
+    out["rss_after_search_mb"] = _rss_mb()
     out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vrec-bench-ivf"))
+    parser.add_argument("--cache", type=Path, default=None, help="embedding cache workdir (default: WORKDIR/cache)")
     parser.add_argument("--items", type=int, default=2000, help="real images embedded as the base")
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
@@ -102,7 +113,7 @@ def main() -> None:
 
     print(cpu_line())
     print("note: the machine's 2 cores are shared with other jobs: timings are upper bounds")
-    base = base_vectors(args.catalog, args.workdir / "cache", args.items, args.dim)
+    base = base_vectors(args.catalog, args.cache or args.workdir / "cache", args.items, args.dim)
     n_shards = -(-args.n // SHARD)
     size = args.n // n_shards
     n = size * n_shards
@@ -141,7 +152,9 @@ def main() -> None:
         tag = " (default)" if run["nprobe"] == report["default_nprobe"] else ""
         print(f"nprobe {run['nprobe']:>4}{tag}: recall@{K} {recall_at_k(labels, exact):.4f}, "
               f"{args.queries / run['seconds']:.0f} queries/s")
-    print(f"search process max resident memory: {report['max_rss_mb']:.0f} MB (python + faiss + the pages of the lists it touched)")
+    print(f"search process resident memory: {report['rss_before_open_mb']:.0f} MB after imports (python, torch, faiss), "
+          f"{report['rss_after_search_mb']:.0f} MB after all searches (+{report['rss_after_search_mb'] - report['rss_before_open_mb']:.0f} MB: "
+          f"the index, its ids and the list pages touched); peak {report['max_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from _machine import cpu_line
+
 from vrec_utils.catalog import load_catalog
 from vrec_utils.extract import extract_image_embeddings
 from vrec_utils.models import create_embedder, get_model_entry

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from test_evaluate import FAST, catalog, workdir  # noqa: F401 - module fixtures reused
+
 from vrec_utils.cli import main
 from vrec_utils.cli.evaluate_cmd import print_result
 from vrec_utils.evaluation import evaluate_models

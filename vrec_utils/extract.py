@@ -150,7 +150,7 @@ def extract_image_embeddings(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     lock_timeout: float | None = None,
-    runner: "BatchRunner | None" = None,
+    runner: BatchRunner | None = None,
 ) -> ExtractResult:
     """Embed the catalog's images (the first ``limit`` if given), reusing every vector of the
     same content already in the cache (whichever catalog it was made for).

@@ -123,7 +123,7 @@ def build(
     workers: int = 2,
     keep_shards: bool = False,
     seed: int = 0,
-) -> "OnDiskIvfIndex":
+) -> OnDiskIvfIndex:
     """Train on ``sample``, fill one index per shard (``parallel``: ``"threads"`` or ``"ray"``,
     the Ray cluster this process has joined), merge them on disk and open the result. A shard's
     ids may be None: its items are then named by their row number over all shards."""
@@ -191,7 +191,7 @@ class OnDiskIvfIndex:
         self.nprobe = int(config["plan"]["nprobe"])
 
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> "OnDiskIvfIndex":
+    def open(cls, directory: str | os.PathLike) -> OnDiskIvfIndex:
         directory = Path(directory)
         config = json.loads((directory / CONFIG).read_text())
         # the lists file is named relative to the folder it was written in: open from there

@@ -44,7 +44,7 @@ def require_ray():
     """The ``ray`` module with Ray Data, or :class:`RayUnavailableError` naming the install command."""
     try:
         import ray  # optional extra, heavy: imported only by the Ray runner
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as exc:
         raise RayUnavailableError(f"--runner ray needs Ray Data, which is not installed here; install it with: {RAY_INSTALL}") from exc
     return ray
