@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-
 from fake_es import FakeElasticsearch
+
 from vrec_utils.index.elasticsearch import ElasticsearchIndex
 from vrec_utils.index.es_ingest import ingest_shards
 
