@@ -124,6 +124,7 @@ def test_a_killed_worker_is_retried_with_nothing_lost_or_doubled(ray_cluster, ca
     assert rows == distinct == readable
 
 
+@pytest.mark.slow  # a second driver process loads torch and the model: minutes on a busy 2-core machine
 def test_a_killed_driver_resumes_with_only_the_missing_shards(ray_cluster, catalog_dir, tmp_path):
     workdir, limit = tmp_path / "work", 96
     command = [
