@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .catalog import Catalog
-from .engines import autocast_context, resolve_precision, select_engine
+from .engines import TorchEngine, autocast_context, resolve_precision, select_engine
 from .images import ImageLoadError, load_rgb, split_transform
 from .models.base import Embedder
 from .store import EmbeddingCache, Embeddings
@@ -127,29 +128,39 @@ def extract_image_embeddings(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     lock_timeout: float | None = None,
+    runner: BatchRunner | None = None,
 ) -> ExtractResult:
     """Embed the catalog's images (the first ``limit`` if given), reusing every vector of the
     same content already in the cache (whichever catalog it was made for). ``engine``: torch,
     openvino or auto (see :func:`vrec_utils.engines.select_engine`); a non-torch engine's vectors
-    live under their own cache key, never mixed with torch's."""
+    live under their own cache key, never mixed with torch's.
+
+    ``runner`` embeds the items still to do and files them through the cache (this process's
+    DataLoader pipeline by default; :mod:`vrec_utils.runners.ray_runner` spreads the work over a
+    Ray cluster, with the torch engine). Whatever runs the model, this function owns the cache:
+    one writer, the same chunks, manifest and skipped-items file."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not embedder.has_image:
         raise ValueError(f"model {embedder.name!r} has no image tower; use it for text (--text)")
-    runner = select_engine(engine, embedder, precision, workdir)
-    identity = {**embedder.identity(), **runner.identity()}
+    chosen = select_engine(engine, embedder, precision, workdir)
+    if runner is not None and chosen.name != "torch":
+        raise ValueError(f"a custom runner (e.g. --runner ray) runs the torch engine only, not {chosen.name}; use --engine torch")
+    identity = {**embedder.identity(), **chosen.identity()}
     with EmbeddingCache.open(
-        workdir, catalog, identity, precision=runner.precision, normalized=normalize, lock_timeout=lock_timeout
+        workdir, catalog, identity, precision=chosen.precision, normalized=normalize, lock_timeout=lock_timeout
     ) as cache:
         items = catalog.items if limit is None else catalog.items.iloc[:limit]
         todo = items.loc[_todo(items, cache)]
         start = time.perf_counter()
         skipped: dict[str, str] = {}
-        if len(todo):
-            skipped = _run_image_batches(todo, embedder, runner, cache, batch_size, num_workers, normalize, chunk_size, progress)
+        if len(todo) and runner is not None:
+            skipped = runner(todo, embedder, cache, batch_size=batch_size, precision=chosen.precision, normalize=normalize, chunk_size=chunk_size, progress=progress)
+        elif len(todo):
+            skipped = run_image_batches(todo, embedder, chosen, cache, batch_size, num_workers, normalize, chunk_size, progress)
         seconds = time.perf_counter() - start
         cache.write_skipped({**catalog.report.refused_rows(), **skipped})
-        cache.consolidate(extra={"engine": runner.name, "engine_reason": runner.reason})
+        cache.consolidate(extra={"engine": chosen.name, "engine_reason": chosen.reason})
         embeddings = cache.load()
     n_new = len(todo) - len(skipped)
     return ExtractResult(
@@ -159,18 +170,60 @@ def extract_image_embeddings(
         n_cached=len(items) - n_new - len(skipped),
         n_new=n_new,
         skipped=cache.skipped(),
-        precision=runner.precision,
+        precision=chosen.precision,
         seconds=seconds,
-        engine=runner.name,
-        engine_reason=runner.reason,
+        engine=chosen.name,
+        engine_reason=chosen.reason,
     )
 
 
-def _run_image_batches(todo, embedder, runner, cache, batch_size, num_workers, normalize, chunk_size, progress):
-    """Workers decode and run the PIL part of the transform (uint8 out); the main process turns
-    each batch into normalised floats at once and runs the engine. Chunks are written in this
-    thread: a 512-vector chunk costs ~0.1 ms per image here, under 2% of the forward pass, and the
-    cache's write lock belongs to this thread."""
+class BatchRunner(Protocol):
+    """Embeds ``todo`` (catalog rows with an ``image`` column) and files every vector through
+    ``ChunkWriter(cache, ...)``; returns ``{id: reason}`` for the images it could not read."""
+
+    def __call__(self, todo: pd.DataFrame, embedder: Embedder, cache: EmbeddingCache, *, batch_size: int, precision: str, normalize: bool, chunk_size: int, progress: bool) -> dict[str, str]: ...
+
+
+class ChunkWriter:
+    """Collects (id, vector) pairs and files them as cache chunks of ``chunk_size``: the one
+    write path of every runner. An id arriving twice (a retried task) is filed once; an
+    unreadable image is reported once, on stderr and in the returned ``skipped``."""
+
+    def __init__(self, cache: EmbeddingCache, chunk_size: int) -> None:
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.skipped: dict[str, str] = {}
+        self.seen: set[str] = set()
+        self.pending_ids: list[str] = []
+        self.pending_vecs: list[np.ndarray] = []
+
+    def add(self, ids: list[str], vectors: np.ndarray) -> None:
+        fresh = [n for n, i in enumerate(ids) if i not in self.seen]
+        if len(fresh) < len(ids):
+            ids, vectors = [ids[n] for n in fresh], vectors[fresh]
+        self.seen.update(ids)
+        if ids:
+            self.pending_ids.extend(ids)
+            self.pending_vecs.append(np.asarray(vectors, dtype=np.float32))
+        if len(self.pending_ids) >= self.chunk_size:
+            self.flush()
+
+    def skip(self, item_id: str, reason: str) -> None:
+        if item_id not in self.skipped:
+            self.skipped[item_id] = reason
+            tqdm.write(f"skipped {item_id}: {reason}", file=sys.stderr)
+
+    def flush(self) -> None:
+        if self.pending_ids:
+            self.cache.append(self.pending_ids, np.concatenate(self.pending_vecs))
+        self.pending_ids, self.pending_vecs = [], []
+
+
+def run_image_batches(todo, embedder, engine, cache, batch_size, num_workers, normalize, chunk_size, progress) -> dict[str, str]:
+    """The local runner. Workers decode and run the PIL part of the transform (uint8 out); this
+    process turns each batch into normalised floats at once and runs the engine. Chunks are
+    written in this thread: a 512-vector chunk costs ~0.1 ms per image here, under 2% of the
+    forward pass, and the cache's write lock belongs to this thread."""
     ids = todo.index.tolist()
     split = split_transform(embedder.image_transform)
     dataset = ImageDataset(todo["image"].tolist(), split[0] if split else embedder.image_transform)
@@ -184,29 +237,22 @@ def _run_image_batches(todo, embedder, runner, cache, batch_size, num_workers, n
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
-    skipped: dict[str, str] = {}
-    pending_ids: list[str] = []
-    pending_vecs: list[np.ndarray] = []
+    writer = ChunkWriter(cache, chunk_size)
     bar = tqdm(total=len(ids), desc=f"embed {embedder.name}", unit="img", disable=not progress, file=sys.stderr)
     with bar:  # closed on errors too
         for positions, pixels, failed in loader:
             for pos, reason in failed:
-                skipped[ids[pos]] = reason
-                tqdm.write(f"skipped {ids[pos]}: {reason}", file=sys.stderr)
+                writer.skip(ids[pos], reason)
             if pixels is not None:
-                pending_ids.extend(ids[p] for p in positions)
-                pending_vecs.append(_encode(runner, split[1](pixels) if split else pixels, normalize))
-            if len(pending_ids) >= chunk_size:
-                cache.append(pending_ids, np.concatenate(pending_vecs))
-                pending_ids, pending_vecs = [], []
+                writer.add([ids[p] for p in positions], encode_batch(engine, split[1](pixels) if split else pixels, normalize))
             bar.update(len(positions) + len(failed))
-        if pending_ids:
-            cache.append(pending_ids, np.concatenate(pending_vecs))
-    return skipped
+        writer.flush()
+    return writer.skipped
 
 
-def _encode(runner, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
-    features = runner.encode_images(pixels)
+def encode_batch(engine: TorchEngine, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
+    """One batch of model inputs through ``engine`` (anything with ``encode_images``), as float32 rows."""
+    features = engine.encode_images(pixels)
     if normalize:
         features = torch.nn.functional.normalize(features, dim=-1)
     return features.cpu().numpy()

@@ -23,12 +23,14 @@ class UserError(Exception):
 def error_types() -> tuple[type[BaseException], ...]:
     """Exceptions shown as a one-line message (exit 2) instead of a traceback."""
     from ..models.base import ModelUnavailableError, TextNotSupportedError  # imports torch: not at `import vrec_utils.cli`
+    from ..runners import RayUnavailableError  # imports extract (torch): not at `import vrec_utils.cli`
 
     return (
         UserError,
         CatalogError,
         ImageLoadError,
         ModelUnavailableError,
+        RayUnavailableError,
         TextNotSupportedError,
         EmbeddingsNotFoundError,
         CacheError,

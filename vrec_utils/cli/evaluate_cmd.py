@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default=MATRIX,
                    help="matrix (default: exact similarity-matrix blocks) or an index backend such as faiss (the serving path)")
     p.add_argument("--ann", default=None, choices=("none", "hnsw", "ivf"), help="with --backend faiss: approximate index kind")
+    p.add_argument("--sample-queries", type=positive_int, default=None, metavar="N",
+                   help="large catalogs: evaluate N queries (seeded by --seed, stratified by the label) against every candidate")
     p.add_argument("--ci", choices=CI_METHODS, default="bca", help="bootstrap interval method (default: bca)")
     p.add_argument("--n-bootstrap", type=positive_int, default=2000)
     p.add_argument("--n-permutations", type=positive_int, default=10000, help="random sign flips of the paired permutation test")
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "n_bootstrap": args.n_bootstrap,
         "n_permutations": args.n_permutations,
         "seed": args.seed,
+        "sample_queries": args.sample_queries,
     }
     if args.label:
         options["label"] = args.label
@@ -112,6 +115,10 @@ def print_result(result: EvaluationResult) -> None:
         f"excluded; {lonely['count']} item(s) with no relevant candidate left out of the means"
         + (f" (classes: {_preview(lonely['classes'])})" if lonely["classes"] else "")
     )
+    sample = rep.get("query_sample")
+    if sample:
+        print(f"queries: a sample of {sample['queries']} of {sample['of']} (seed {sample['seed']}, stratified by {sample['stratified_by']}); the CIs include the sampling uncertainty")
+    print(f"answered by: {cfg.get('answered_by', cfg['backend'])}")
     missing = {m: n for m, n in rep["missing_embeddings"].items() if n}
     if missing:
         print(f"eval items without a cached vector (skipped): {missing}", file=sys.stderr)

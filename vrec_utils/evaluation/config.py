@@ -55,6 +55,7 @@ class EvalConfig:
     seed: int = 0
     backend: str = MATRIX
     index_options: Mapping[str, Any] = field(default_factory=dict)
+    sample_queries: int | None = None  # large catalogs: this many queries, seeded, stratified by the label
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -67,6 +68,8 @@ class EvalConfig:
             raise ValueError(f"ci_method must be one of {', '.join(CI_METHODS)}, got {self.ci_method!r}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.sample_queries is not None and int(self.sample_queries) < 1:
+            raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
         if self.n_bootstrap < 2 or self.n_permutations < 1:
             raise ValueError("n_bootstrap must be >= 2 and n_permutations >= 1")
         sources = [x is not None for x in (self.label, self.hierarchy, self.interactions)]

@@ -20,7 +20,7 @@ from ..catalog import Catalog, load_catalog
 from ..metrics import compute_metrics
 from ..store import Embeddings, load_embeddings
 from .candidates import pca_vectors, select_candidates, unit_rows
-from .config import GAIN_FORMULAS, UNFILTERED, EvalConfig
+from .config import GAIN_FORMULAS, MATRIX, UNFILTERED, EvalConfig
 from .relevance import (
     InteractionRelevance,
     LabelRelevance,
@@ -29,6 +29,7 @@ from .relevance import (
 )
 from .result import EvaluationResult, RowKey
 from .retrieval import Retriever
+from .sampling import stratified_sample
 
 
 def evaluate(catalog: Catalog, embeddings: Mapping[str, Embeddings], config: EvalConfig | None = None) -> EvaluationResult:
@@ -102,9 +103,22 @@ def _queries(catalog: Catalog, config: EvalConfig, ids: pd.Index, cand_items: pd
         category_column = config.label_columns[-1]
     if len(query_pos) == 0:
         raise ValueError("no query has a relevant candidate; nothing to evaluate")
+    if config.sample_queries is not None:
+        query_pos = _sample(config, query_pos, cand_items, category_column, report)
     n_rel = relevance.n_relevant(query_pos)
     report["queries"] = len(query_pos)
     return _Queries(relevance, query_pos, category_column, n_rel, relevance.ideal(query_pos, config.depth))
+
+
+def _sample(config: EvalConfig, query_pos: np.ndarray, cand_items: pd.DataFrame, column: str | None, report: dict[str, Any]) -> np.ndarray:
+    """``config.sample_queries`` of the queries (seeded, stratified by ``column``); recorded in ``report``."""
+    labels = cand_items[column].to_numpy(dtype=str)[query_pos] if column else np.zeros(len(query_pos), dtype=str)
+    sampled = stratified_sample(query_pos, labels, int(config.sample_queries), config.seed)
+    report["query_sample"] = {
+        "queries": len(sampled), "of": len(query_pos), "seed": int(config.seed), "stratified_by": column,
+        "note": "sampled queries search every candidate; the bootstrap CIs include the sampling uncertainty",
+    }  # fmt: skip
+    return sampled
 
 
 @dataclass
@@ -184,6 +198,8 @@ def config_record(
         "seed": int(config.seed),
         "backend": config.backend,
         "index_options": dict(config.index_options),
+        "answered_by": answered_by(config),
+        "sample_queries": config.sample_queries,
         "catalog": catalog.name,
         # which weights made each model's numbers (a digest; "random-init" marks test-only models)
         "weights": {name: weights_of(emb) for name, emb in embeddings.items()},
@@ -194,6 +210,14 @@ def config_record(
         "fusions": ["+".join(f) for f in config.fusions],
         "notes": notes,
     }
+
+
+def answered_by(config: EvalConfig) -> str:
+    """Which index answered the queries, in words."""
+    if config.backend == MATRIX:
+        return "exact similarity-matrix blocks (matrix backend)"
+    options = ", ".join(f"{k}={v}" for k, v in sorted(config.index_options.items()))
+    return f"{config.backend} index" + (f" ({options})" if options else " (default settings)")
 
 
 def weights_of(embeddings: Embeddings) -> str:
@@ -240,4 +264,4 @@ def evaluate_models(
     return evaluate(catalog, embeddings, config)
 
 
-__all__ = ["config_record", "evaluate", "evaluate_embeddings", "evaluate_models", "weights_of"]
+__all__ = ["answered_by", "config_record", "evaluate", "evaluate_embeddings", "evaluate_models", "weights_of"]

@@ -1,0 +1,63 @@
+"""`vrec evaluate --sample-queries N`: a seeded, label-stratified sample of queries searched
+against every candidate; reproducible, and the output says how many queries and which index."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_evaluate import FAST, catalog, workdir  # noqa: F401 - module fixtures reused
+
+from vrec_utils.cli import main
+from vrec_utils.cli.evaluate_cmd import print_result
+from vrec_utils.evaluation import evaluate_models
+from vrec_utils.evaluation.sampling import stratified_sample
+
+MODELS = ["fake-cnn", "fake-vlm"]
+
+
+def test_sampled_evaluation_is_reproducible_and_stratified(catalog, workdir):  # noqa: F811
+    full = evaluate_models(catalog, workdir, MODELS, **FAST)
+    a = evaluate_models(catalog, workdir, MODELS, sample_queries=60, seed=3, **FAST)
+    b = evaluate_models(catalog, workdir, MODELS, sample_queries=60, seed=3, **FAST)
+    assert json.dumps(a.to_json()) == json.dumps(b.to_json())
+    assert a.n_queries == 60 and a.report["query_sample"] == {**a.report["query_sample"], "queries": 60, "of": full.n_queries, "seed": 3}
+    other = evaluate_models(catalog, workdir, MODELS, sample_queries=60, seed=4, **FAST)
+    assert set(other.query_ids) != set(a.query_ids)
+    # stratified: every label present, none above its share (rounded up), the largest the most
+    labels = catalog.items["articleType"]
+    share = labels.loc[full.query_ids].value_counts() / full.n_queries * 60
+    got = labels.loc[a.query_ids].value_counts().reindex(share.index, fill_value=0)
+    assert (got >= 1).all() and (got <= np.maximum(1, np.ceil(share))).all()
+    assert got.idxmax() == share.idxmax() and got.sum() == 60
+    # a sampled query searches every candidate: its numbers are those of the full evaluation
+    pq, fq = a.per_query, full.per_query.set_index(["query_id", "model", "setting", "metric"])["value"]
+    np.testing.assert_allclose(pq["value"].to_numpy(), fq.loc[pd.MultiIndex.from_frame(pq[["query_id", "model", "setting", "metric"]])].to_numpy())
+
+
+def test_stratified_sample_takes_all_when_asked_for_more_and_refuses_zero():
+    positions = np.arange(10, 20)
+    labels = np.array(list("aaaaaaabbc"))
+    assert stratified_sample(positions, labels, 50, seed=0).tolist() == positions.tolist()
+    picked = stratified_sample(positions, labels, 4, seed=0)
+    assert len(picked) == 4 and set(labels[picked - 10]) == {"a", "b", "c"}
+    with pytest.raises(ValueError, match="must be >= 1"):
+        stratified_sample(positions, labels, 0, seed=0)
+
+
+def test_output_says_how_many_queries_and_which_index_answered(catalog, workdir, capsys, tmp_path):  # noqa: F811
+    result = evaluate_models(catalog, workdir, ["fake-cnn"], sample_queries=40, seed=7, backend="faiss", **FAST)
+    print_result(result)
+    out = capsys.readouterr().out
+    assert f"queries: a sample of 40 of {result.report['query_sample']['of']} (seed 7, stratified by articleType)" in out
+    assert "answered by: faiss index (default settings)" in out
+    result.to_json(tmp_path / "eval.json")
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["report"]["query_sample"]["queries"] == 40 and saved["config"]["answered_by"] == "faiss index (default settings)"
+
+
+def test_cli_refuses_a_zero_sample(capsys, sample_dir, tmp_path):
+    code = main(["evaluate", "--catalog", str(sample_dir), "--workdir", str(tmp_path), "--models", "m", "--sample-queries", "0"])
+    assert code == 2 and "--sample-queries" in capsys.readouterr().err
