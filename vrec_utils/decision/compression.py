@@ -53,6 +53,7 @@ class Variant:
     rerank: np.ndarray | None = None  # float vectors that rescore the top candidates
     oversample: int = 1
     description: str = ""
+    trained: object | None = None  # the trained FAISS index (PQ), reused to measure latency
 
 
 def scalar_quantised(train: np.ndarray, vectors: np.ndarray, kind: str) -> tuple[np.ndarray, int]:
@@ -64,22 +65,25 @@ def scalar_quantised(train: np.ndarray, vectors: np.ndarray, kind: str) -> tuple
     return sq.decode(codes), int(sq.code_size)
 
 
+PQ_POINTS_PER_CENTROID = 39  # FAISS's k-means warns below 39 training points per centroid
+
+
 def pq_params(dim: int, n_train: int) -> tuple[int, int]:
     """(sub-vectors M, bits per code): the largest M <= d/8 dividing d, and 8 bits unless the
-    training set is too small for 256 centroids (FAISS needs at least 2**bits points)."""
+    training set has fewer than 39 points per centroid (then fewer bits: 2**bits centroids)."""
     m = max(x for x in range(1, max(1, dim // 8) + 1) if dim % x == 0)
-    nbits = int(min(8, max(1, np.floor(np.log2(max(2, n_train))))))
+    nbits = int(min(8, max(1, np.floor(np.log2(max(2, n_train / PQ_POINTS_PER_CENTROID))))))
     return m, nbits
 
 
-def product_quantised(train: np.ndarray, vectors: np.ndarray, seed: int) -> tuple[np.ndarray, int, str]:
-    """Decoded vectors after FAISS ``IndexPQ`` trained on ``train``; code size; description."""
+def product_quantised(train: np.ndarray, vectors: np.ndarray, seed: int) -> tuple[np.ndarray, int, str, faiss.IndexPQ]:
+    """Decoded vectors after FAISS ``IndexPQ`` trained on ``train``; code size; description; the index."""
     m, nbits = pq_params(vectors.shape[1], len(train))
     index = faiss.IndexPQ(vectors.shape[1], m, nbits, faiss.METRIC_INNER_PRODUCT)
     index.pq.cp.seed = int(seed)
     index.train(np.ascontiguousarray(train, dtype=np.float32))
     codes = index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index.sa_decode(codes), int(index.code_size), f"PQ{m}x{nbits}"
+    return index.sa_decode(codes), int(index.code_size), f"PQ{m}x{nbits}", index
 
 
 def sign_codes(train: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -107,8 +111,8 @@ def model_variants(data: DecisionData, model: str, pca_dims=DEFAULT_PCA_DIMS, qu
             decoded, size = scalar_quantised(train, x, kind)
             out.append(Variant(model, kind, "scalar", d, size, x, decoded, description=f"FAISS ScalarQuantizer QT_{kind[3:]}bit, float queries"))
         elif kind == "pq":
-            decoded, size, what = product_quantised(train, x, data.seed)
-            out.append(Variant(model, "pq", "pq", d, size, x, decoded, description=f"FAISS IndexPQ {what}, float queries"))
+            decoded, size, what, trained = product_quantised(train, x, data.seed)
+            out.append(Variant(model, "pq", "pq", d, size, x, decoded, description=f"FAISS IndexPQ {what}, float queries", trained=trained))
         elif kind in ("binary", "binary+rerank"):
             codes = sign_codes(train, x)
             rerank = kind == "binary+rerank"
@@ -140,7 +144,7 @@ def measure_latency(variant: Variant, train: np.ndarray, n_queries: int = 256, k
         if variant.family == "scalar":
             index = faiss.IndexScalarQuantizer(d, SQ_TYPES[variant.name], faiss.METRIC_INNER_PRODUCT)
         elif variant.family == "pq":
-            index = faiss.IndexPQ(d, *pq_params(d, len(train)), faiss.METRIC_INNER_PRODUCT)
+            index = faiss.clone_index(variant.trained)
         else:
             index = faiss.IndexFlatIP(d)
         source = np.ascontiguousarray(variant.queries if variant.family in ("scalar", "pq") else variant.database, dtype=np.float32)
