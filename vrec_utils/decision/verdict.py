@@ -29,7 +29,7 @@ def _ci(row, low: str, high: str) -> str:
 def quality_sentence(comparison: pd.Series, label: str, n_queries: int) -> str:
     r = comparison
     verdict = "better than" if r["diff_ci_low"] > 0 else "worse than" if r["diff_ci_high"] < 0 else "not distinguishable from"
-    return (f"**Quality:** {r['model_b']} is {verdict} {r["model_a"]} on nDCG@5 ({_f(r['mean_b'])} vs {_f(r['mean_a'])}, "
+    return (f"**Quality:** {r['model_b']} is {verdict} {r['model_a']} on nDCG@5 ({_f(r['mean_b'])} vs {_f(r['mean_a'])}, "
             f"difference {_f(r['diff'], sign=True)}, {_ci(r, 'diff_ci_low', 'diff_ci_high')}, {_p(r['p_value'])}; "
             f"{_f(r['rel_improvement_pct'], 1, sign=True)}% relative) over {n_queries} queries, relevance = same {label}. "
             "[decision_quality.csv]")
