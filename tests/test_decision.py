@@ -5,6 +5,7 @@ catalogs. Real vectors: efficientnet-lite0 on 300 fashion-small items (the ``rea
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import faiss
 import numpy as np
@@ -292,3 +293,39 @@ def test_random_weights_are_named_as_such(small_catalog):
     emb = fake(small_catalog, "tiny-siglip", 16, 1.0, 0, weights="random-init:tiny-siglip")
     data = decision_data(small_catalog, {"tiny-siglip": emb}, n_bootstrap=50, n_permutations=50)
     assert data.labels["tiny-siglip"] == "tiny-siglip (random weights: test only)"
+
+
+# ------------------------------------------------------------------- vrec decide
+
+
+def test_vrec_decide_writes_tables_figure_and_verdict(small_catalog, tmp_path, capsys):
+    from vrec_utils.catalog import load_catalog
+    from vrec_utils.cli import main
+    from vrec_utils.store import EmbeddingCache
+
+    items = small_catalog.items.reset_index()
+    (tmp_path / "images").mkdir()
+    for item_id, image in zip(items["id"], items["image"]):
+        shutil.copyfile(image, tmp_path / "images" / f"{item_id}.jpg")  # a symlink would leave the catalog folder
+    items["image"] = "images/" + items["id"] + ".jpg"
+    csv = tmp_path / "catalog.csv"
+    items[["id", "image", "title", "subCategory", "articleType"]].to_csv(csv, index=False)
+    catalog = load_catalog(csv)
+    workdir = tmp_path / "work"
+    for name, dim, noise, seed in (("cnn-a", 160, 2.5, 0), ("vlm-b", 48, 1.2, 1)):
+        emb = fake(catalog, name, dim, noise, seed)
+        cache = EmbeddingCache.open(workdir, catalog, {"model": name, "dim": dim}, precision="fp32", normalized=True)
+        cache.append(catalog.ids, emb.vectors)
+        cache.consolidate(complete=True)
+    out = tmp_path / "out"
+    code = main(["decide", "--catalog", str(csv), "--workdir", str(workdir), "--models", "cnn-a,vlm-b", "--out", str(out),
+                 "--time-embedding", "0", "--hnsw-ef", "16", "--nprobe", "", "--n-bootstrap", "200", "--daily-traffic", "5000"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert (out / "figures" / "decision_frontier.png").is_file()
+    plan = pd.read_csv(out / "tables" / "decision_ab_plan.csv").set_index("quantity")
+    assert float(plan.loc["daily_traffic", "value"]) == 5000
+    assert f"{int(float(plan.loc['days', 'value']))} days at 5,000 users/day" in printed
+    assert "Quality: vlm-b is better than cnn-a" in printed
+    assert main(["decide", "--catalog", str(csv), "--workdir", str(workdir), "--models", "cnn-a,nope", "--out", str(out)]) == 2
+    assert "vrec extract" in capsys.readouterr().err

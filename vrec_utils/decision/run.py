@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..catalog import Catalog, Split
+from ..images import load_rgb
 from ..store import Embeddings, load_embeddings
 from .categories import CORRECTIONS, category_table
 from .compression import DEFAULT_OVERSAMPLE, DEFAULT_PCA_DIMS, QUANTISERS, frontier_rows, frontier_table, measure_latency, model_variants
@@ -187,6 +188,18 @@ def _ab(params: DecisionParams, tables: dict) -> None:
     tables["ab_plan"] = plan
 
 
+def embedding_throughput(embedder, catalog: Catalog, n: int = 64, seed: int = 0) -> float:
+    """Images per second of ``embedder`` on ``n`` catalog images drawn with ``seed`` (decoding
+    included, after one warm-up batch of 4): the cost of embedding, measured on this machine."""
+    from .data import seeded_rows
+
+    paths = catalog.items["image"].to_numpy()[seeded_rows(len(catalog), n, seed, "throughput")]
+    embedder.embed_images([load_rgb(p) for p in paths[:4]])
+    start = time.perf_counter()
+    embedder.embed_images([load_rgb(p) for p in paths])
+    return len(paths) / (time.perf_counter() - start)
+
+
 def write_tables(report: DecisionReport, tables_dir: str | os.PathLike) -> list[Path]:
     """Each table as ``decision_<name>.csv`` and the verdict as ``decision_verdict.md``."""
     directory = Path(tables_dir)
@@ -202,4 +215,4 @@ def write_tables(report: DecisionReport, tables_dir: str | os.PathLike) -> list[
     return written
 
 
-__all__ = ["DecisionParams", "DecisionReport", "run_decision", "write_tables"]
+__all__ = ["DecisionParams", "DecisionReport", "embedding_throughput", "run_decision", "write_tables"]
