@@ -329,3 +329,23 @@ def test_vrec_decide_writes_tables_figure_and_verdict(small_catalog, tmp_path, c
     assert "Quality: vlm-b is better than cnn-a" in printed
     assert main(["decide", "--catalog", str(csv), "--workdir", str(workdir), "--models", "cnn-a,nope", "--out", str(out)]) == 2
     assert "vrec extract" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_notebook_08_runs_in_the_report_with_the_smoke_profile(tmp_path):
+    """The decision section of `vrec report`: notebook 08 runs headless, writes the frontier
+    figure, the tables and the verdict, and names the random smoke models as such."""
+    import nbformat
+
+    from vrec_utils.report import run_report
+
+    result = run_report("smoke", out=tmp_path / "out", workdir=tmp_path / "work", sample_size=120, notebooks=["08"], progress=False,
+                        log=lambda line: None)
+    nb = nbformat.read(result.executed[0], as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{errors[0]['ename']}: {errors[0]['evalue']}" if errors else ""
+    assert (result.figures_dir / "08_frontier.png").is_file()
+    verdict = (result.tables_dir / "decision_verdict.md").read_text()
+    assert "tiny-siglip (random weights: test only)" in verdict and "[decision_frontier.csv]" in verdict
+    for name in ("frontier", "fidelity", "filter", "ab_plan", "protocols"):
+        assert (result.tables_dir / f"decision_{name}.csv").is_file()

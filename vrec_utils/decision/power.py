@@ -85,7 +85,8 @@ def offline_scenarios(plan: ABPlan, offline_rel_pct: float, low_pct: float, high
                          "days": days_needed(plan, n) if ok else None,
                          "note": "hypothetical: no offline-to-online factor is known; the test measures it"})
     frame = pd.DataFrame(rows)
-    frame.attrs["factor_for_mde"] = (100 * plan.mde_relative / offline_rel_pct) if offline_rel_pct else math.nan
+    # only a positive offline gain can be scaled to a positive lift
+    frame.attrs["factor_for_mde"] = 100 * plan.mde_relative / offline_rel_pct if offline_rel_pct > 0 else math.nan
     return frame
 
 
