@@ -112,6 +112,8 @@ def run_decision(
 
     timed("1 frontier", lambda: _frontier(data, params, throughput, tables, notes))
     timed("2 fidelity", lambda: _fidelity(data, params, tables))
+    if os.environ.get("VREC_ES_URL", "").strip():
+        notes.append("VREC_ES_URL is set, but measuring on the server is not implemented yet: the es-default rows are emulated")
     if data.category_column is not None:
         filter_result = timed("3 filter", lambda: _filter(data, tables))
         timed("4 categories", lambda: _categories(data, params, tables, filter_result))
