@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _machine import cpu_line, real_embeddings  # noqa: E402
+from _machine import cpu_line, real_embeddings
 
-from vrec_utils.decision.run import DecisionParams, embedding_throughput, run_decision  # noqa: E402
-from vrec_utils.models import create_embedder  # noqa: E402
-from vrec_utils.notebook import training_split  # noqa: E402
-from vrec_utils.plots import quality_cost_frontier, save_figure  # noqa: E402
-from vrec_utils.train import ensure_finetuned, extract_finetuned_embeddings  # noqa: E402
+from vrec_utils.decision.run import DecisionParams, embedding_throughput, run_decision
+from vrec_utils.models import create_embedder
+from vrec_utils.notebook import training_split
+from vrec_utils.plots import quality_cost_frontier, save_figure
+from vrec_utils.train import ensure_finetuned, extract_finetuned_embeddings
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-small"
 

@@ -16,12 +16,22 @@ from sklearn.decomposition import PCA
 from statsmodels.stats.multitest import multipletests
 
 from vrec_utils.decision.categories import adjust_pvalues, category_table
-from vrec_utils.decision.compression import model_variants, pq_params, search_variant, sign_codes
+from vrec_utils.decision.compression import (
+    model_variants,
+    pq_params,
+    search_variant,
+    sign_codes,
+)
 from vrec_utils.decision.data import decision_data, loo_search
 from vrec_utils.decision.fidelity import recall_at_k
 from vrec_utils.decision.filtering import filter_rows, violation_share
 from vrec_utils.decision.power import ABPlan, ab_plan_table, sample_size
-from vrec_utils.decision.protocols import image_to_image_recall1, label_to_product, own_item_ranks, text_to_image
+from vrec_utils.decision.protocols import (
+    image_to_image_recall1,
+    label_to_product,
+    own_item_ranks,
+    text_to_image,
+)
 from vrec_utils.decision.run import DecisionParams, run_decision
 from vrec_utils.index import create_index
 from vrec_utils.store import Embeddings, EmbeddingsNotFoundError
@@ -165,7 +175,7 @@ def test_violation_share_on_a_hand_made_catalog():
 
 def test_filtered_search_stays_in_the_category_and_never_returns_the_query(small_catalog, pair):
     data = decision_data(small_catalog, pair, n_bootstrap=100, n_permutations=100)
-    values, _, violations = filter_rows(data)
+    _, _, violations = filter_rows(data)
     x = data.vectors["cnn"]
     found = data.search(x, x, filtered=True)
     ok = found >= 0
@@ -183,7 +193,7 @@ def test_holm_and_bh_match_hand_computations_and_statsmodels():
     holm = np.empty(m)
     holm[order] = np.minimum(1, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     bh = np.empty(m)
-    bh[order] = np.minimum(1, np.minimum.accumulate((m / np.arange(m, 0, -1) * p[order][::-1]))[::-1])
+    bh[order] = np.minimum(1, np.minimum.accumulate(m / np.arange(m, 0, -1) * p[order][::-1])[::-1])
     np.testing.assert_allclose(adjust_pvalues(p, "holm")[1], holm)
     np.testing.assert_allclose(adjust_pvalues(p, "fdr_bh")[1], bh)
     assert list(adjust_pvalues(p, "holm")[0]) == list(multipletests(p, method="holm")[0])
@@ -267,7 +277,7 @@ def test_run_decision_writes_every_table_and_a_reproducible_verdict(small_catalo
     again = run_decision(small_catalog, pair, params=FAST, tables_dir=tmp_path / "b")
     for name in ("quality", "filter", "fidelity_pairs", "ab_plan"):
         pd.testing.assert_frame_equal(report.tables[name], again.tables[name])
-    strip = lambda text: [line.split("search takes")[0] for line in text]  # noqa: E731 - latencies are measurements
+    strip = lambda text: [line.split("search takes")[0] for line in text]  # latencies are measurements, not reproducible
     assert strip(report.verdict) == strip(again.verdict)
     quality = pd.read_csv(tmp_path / "a" / "decision_quality.csv")
     assert f"{quality['diff'].item():+.3f}" in report.verdict[0]

@@ -15,7 +15,14 @@ from ..decision.run import DecisionParams, embedding_throughput, run_decision
 from ..models import create_embedder
 from ..plots import quality_cost_frontier, save_figure
 from ..store import load_embeddings
-from ._common import UserError, add_catalog_args, directory_path, positive_int, print_frame, split_list
+from ._common import (
+    UserError,
+    add_catalog_args,
+    directory_path,
+    positive_int,
+    print_frame,
+    split_list,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

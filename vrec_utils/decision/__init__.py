@@ -23,7 +23,13 @@ Map (each module imports only those above it; all sit above :mod:`vrec_utils.eva
 
 from .data import DecisionData, decision_data, load_decision_data
 from .power import ABPlan
-from .run import DecisionParams, DecisionReport, embedding_throughput, run_decision, write_tables
+from .run import (
+    DecisionParams,
+    DecisionReport,
+    embedding_throughput,
+    run_decision,
+    write_tables,
+)
 
 __all__ = [
     "ABPlan", "DecisionData", "DecisionParams", "DecisionReport", "decision_data", "embedding_throughput", "load_decision_data",

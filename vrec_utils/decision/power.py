@@ -79,7 +79,7 @@ def offline_scenarios(plan: ABPlan, offline_rel_pct: float, low_pct: float, high
         for what, pct in (("CI low", low_pct), ("point", offline_rel_pct), ("CI high", high_pct)):
             lift = factor * pct / 100.0
             ok = math.isfinite(lift) and lift != 0 and 0 < plan.baseline_rate * (1 + lift) < 1
-            h, n = sample_size(plan, lift) if ok else (math.nan, math.nan)
+            _, n = sample_size(plan, lift) if ok else (math.nan, math.nan)
             rows.append({"hypothetical factor": factor, "offline gain": what, "offline relative gain %": pct,
                          "assumed online lift %": 100 * lift, "users per arm": math.ceil(n) if ok else None,
                          "days": days_needed(plan, n) if ok else None,
@@ -90,4 +90,4 @@ def offline_scenarios(plan: ABPlan, offline_rel_pct: float, low_pct: float, high
     return frame
 
 
-__all__ = ["ABPlan", "SCENARIO_FACTORS", "ab_plan_table", "days_needed", "offline_scenarios", "sample_size"]
+__all__ = ["SCENARIO_FACTORS", "ABPlan", "ab_plan_table", "days_needed", "offline_scenarios", "sample_size"]

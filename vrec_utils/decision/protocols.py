@@ -58,7 +58,7 @@ def text_to_image(title_vectors: np.ndarray, image_vectors: np.ndarray, has_titl
         return {"recall@1": float("nan"), "recall@10": float("nan"), "mrr": float("nan"), "n_queries": 0}
     ranks = own_item_ranks(title_vectors[rows], image_vectors, rows)
     return {"recall@1": float(np.mean(ranks <= 1)), "recall@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
-            "n_queries": int(len(rows))}
+            "n_queries": len(rows)}
 
 
 def label_to_product(label_vectors: Mapping[str, np.ndarray], image_vectors: np.ndarray, labels: np.ndarray, ks=(1, 10)) -> dict[str, float]:

@@ -19,9 +19,23 @@ from ..catalog import Catalog, Split
 from ..images import load_rgb
 from ..store import Embeddings, load_embeddings
 from .categories import CORRECTIONS, category_table
-from .compression import DEFAULT_OVERSAMPLE, DEFAULT_PCA_DIMS, QUANTISERS, frontier_rows, frontier_table, measure_latency, model_variants
+from .compression import (
+    DEFAULT_OVERSAMPLE,
+    DEFAULT_PCA_DIMS,
+    QUANTISERS,
+    frontier_rows,
+    frontier_table,
+    measure_latency,
+    model_variants,
+)
 from .data import DecisionData, decision_data
-from .fidelity import HNSW_EF, IVF_NPROBE, fidelity_rows, fidelity_table, ranking_survival
+from .fidelity import (
+    HNSW_EF,
+    IVF_NPROBE,
+    fidelity_rows,
+    fidelity_table,
+    ranking_survival,
+)
 from .filtering import filter_contrast, filter_rows, filter_table
 from .power import ABPlan, ab_plan_table, offline_scenarios
 from .protocols import protocol_table

@@ -75,7 +75,7 @@ def serving_sentence(survival: pd.DataFrame) -> str:
 def filter_sentence(table: pd.DataFrame, contrast: pd.DataFrame) -> str:
     if table.empty:
         return ""
-    share = [c for c in table.columns if c.startswith("violation_share@")][0]
+    share = next(c for c in table.columns if c.startswith("violation_share@"))
     parts = [f"{r['model']} puts {100 * r[share]:.1f}% of its top-{share.split('@')[1]} outside the query's {r['category_column']} "
              f"and gains {_f(r['gap'], sign=True)} nDCG@5 from the filter ({_ci(r, 'gap_low', 'gap_high')})" for _, r in table.iterrows()]
     text = "**Category filter:** " + "; ".join(parts) + "."
@@ -91,7 +91,7 @@ def categories_sentence(table: pd.DataFrame, a: str, b: str, correction: str) ->
     name = "Holm" if correction == "holm" else "Benjamini-Hochberg"
     wins_b = table.loc[table["winner"] == b].iloc[:, 0].tolist()
     wins_a = table.loc[table["winner"] == a].iloc[:, 0].tolist()
-    show = lambda xs: ", ".join(xs[:5]) + (" ..." if len(xs) > 5 else "") if xs else "none"  # noqa: E731
+    show = lambda xs: ", ".join(xs[:5]) + (" ..." if len(xs) > 5 else "") if xs else "none"
     return (f"**Where each wins** ({len(table)} {table.columns[0]} values, {name}-adjusted): {b} wins {len(wins_b)} ({show(wins_b)}), "
             f"{a} wins {len(wins_a)} ({show(wins_a)}). [decision_categories.csv]")
 
