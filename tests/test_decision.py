@@ -18,6 +18,7 @@ from statsmodels.stats.multitest import multipletests
 from vrec_utils.decision.categories import adjust_pvalues, category_table
 from vrec_utils.decision.compression import (
     model_variants,
+    pareto_front,
     pq_params,
     search_variant,
     sign_codes,
@@ -359,3 +360,21 @@ def test_notebook_08_runs_in_the_report_with_the_smoke_profile(tmp_path):
     assert "tiny-siglip (random weights: test only)" in verdict and "[decision_frontier.csv]" in verdict
     for name in ("frontier", "fidelity", "filter", "ab_plan", "protocols"):
         assert (result.tables_dir / f"decision_{name}.csv").is_file()
+
+
+def test_frontier_figure_marks_the_front_and_the_mercari_point():
+    from vrec_utils.plots import quality_cost_frontier
+
+    frame = pd.DataFrame({
+        "model": ["cnn", "cnn", "vlm", "vlm"], "variant": ["float32", "pca128", "float32", "int8"],
+        "family": ["float", "pca", "float", "scalar"], "bytes_per_item": [5120.0, 512.0, 2048.0, 512.0],
+        "ndcg@5": [0.6, 0.62, 0.8, 0.79], "ndcg@5_low": [0.58, 0.6, 0.78, 0.77], "ndcg@5_high": [0.62, 0.64, 0.82, 0.81],
+    })
+    frame["pareto"] = pareto_front(frame)
+    frame["mercari_baseline"] = [False, True, False, False]
+    assert frame["pareto"].tolist() == [False, False, True, True]
+    fig = quality_cost_frontier(frame)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("Mercari baseline" in t for t in texts) and "int8" in texts
+    with pytest.raises(ValueError, match="needs column"):
+        quality_cost_frontier(frame.drop(columns=["pareto"]))
