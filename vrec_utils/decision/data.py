@@ -180,7 +180,10 @@ def decision_data(
     ids_arr = ids.to_numpy(dtype=str)
     vectors = {m: unit_rows(e.vectors_for(ids_arr), m, ids_arr) for m, e in embeddings.items()}
     if split is not None:
-        train = {m: unit_rows(e.restrict(split.train).vectors, m, np.asarray(split.train)) for m, e in embeddings.items()}
+        train = {}
+        for m, e in embeddings.items():
+            part = e.restrict(split.train)
+            train[m] = unit_rows(part.vectors, m, np.asarray(part.ids))
         notes.append("PCA and quantisers fitted on the split's train items")
     else:
         train = vectors

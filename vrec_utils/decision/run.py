@@ -138,7 +138,7 @@ def run_decision(
     tables["protocols"] = protocols
     notes += protocol_notes
     labels = [data.labels[m] for m in data.models]
-    verdict = verdict_lines(tables, labels[0], labels[-1], params.label, data.n_queries, params.correction) if len(labels) > 1 else []
+    verdict = verdict_lines(tables, labels[0], labels[1], params.label, data.n_queries, params.correction) if len(labels) > 1 else []
     if len(labels) < 2:
         notes.append("one model only: no comparison, no verdict")
     report = DecisionReport(tables, verdict, notes, labels, seconds)
