@@ -97,9 +97,9 @@ def fidelity_rows(data: DecisionData, hnsw_ef: Sequence[int] = HNSW_EF, ivf_npro
                 kind = es_default_quantiser(x.shape[1])
                 variant = next(v for v in model_variants(data, model, pca_dims=(), quantisers=(kind,)) if v.name == kind)
                 found = search_variant(data, variant, filtered=filtered)
-                setting = f"es-default {'bbq' if kind != 'int8' else 'int8'}{tag}"
+                setting = f"es-default{tag}"  # one name for both models (their quantisers may differ: see "note")
                 values[(model, setting)], dims[(model, setting)] = data.score(found), x.shape[1]
-                records.append({"model": model, "setting": setting, "index": "es-default (emulated)", "parameter": "quantiser",
+                records.append({"model": model, "setting": setting, "index": f"es-default {'bbq' if kind != 'int8' else 'int8'} (emulated)", "parameter": "quantiser",
                                 "value": np.nan, "filtered": filtered, f"recall@{k}": recall_at_k(found, exact).mean(),
                                 "latency_ms_per_query": np.nan, "note": _es_note(variant)})
     return values, dims, records
@@ -126,17 +126,20 @@ def fidelity_table(data: DecisionData, records: list[dict], result, metric: str 
 def ranking_survival(data: DecisionData, result, metric: str = "ndcg@5") -> pd.DataFrame:
     """Paired difference (second model - first) of ``metric`` in every setting both models have,
     with its bootstrap CI and permutation p; ``same_winner_as_exact`` compares the sign with exact
-    search (unfiltered or filtered, alike)."""
+    search (unfiltered or filtered, alike); ``same_conclusion_as_exact`` also asks that the CI
+    excludes 0 exactly when it does at exact search (the same verdict: better, worse or a tie)."""
     if len(data.models) < 2:
         return pd.DataFrame()
     a, b = data.models[0], data.models[1]
     settings = [s for m, s in result.values if m == a and (b, s) in result.values]
     frame = pd.concat([result.compare((a, s), (b, s), [metric]) for s in settings], ignore_index=True)
     frame["significant"] = (frame["diff_ci_low"] > 0) | (frame["diff_ci_high"] < 0)
-    base = {s: np.sign(d) for s, d in zip(frame["setting_a"], frame["diff"])}
-    frame["same_winner_as_exact"] = [
-        np.sign(d) == base["exact +filter" if s.endswith("+filter") else "exact"] for s, d in zip(frame["setting_a"], frame["diff"])
-    ]
+    # the conclusion: +1 / -1 when the second / first model is better beyond the CI, 0 when not distinguishable
+    conclusion = np.where(frame["significant"], np.sign(frame["diff"]), 0).astype(int)
+    exact = dict(zip(frame["setting_a"], conclusion))
+    reference = [exact["exact +filter" if s.endswith("+filter") else "exact"] for s in frame["setting_a"]]
+    frame["same_winner_as_exact"] = [np.sign(d) == np.sign(r) for d, r in zip(frame["diff"], reference)]
+    frame["same_conclusion_as_exact"] = conclusion == np.asarray(reference)
     frame["model_a"], frame["model_b"] = frame["model_a"].map(data.labels), frame["model_b"].map(data.labels)
     return frame.rename(columns={"setting_a": "setting"}).drop(columns=["setting_b"])
 

@@ -59,14 +59,17 @@ def serving_sentence(survival: pd.DataFrame) -> str:
     if survival.empty:
         return ""
     kept = survival[survival["setting"].str.startswith(("hnsw", "ivf", "es-default"))]
-    survives = kept["same_winner_as_exact"] & kept["significant"]
+    exact = survival[survival["setting"] == "exact"].iloc[0]
+    said = ("the second model is better" if exact["diff_ci_low"] > 0 else "the first model is better" if exact["diff_ci_high"] < 0
+            else "the models are not distinguishable")
+    holds = kept["same_conclusion_as_exact"]
+    text = (f"**Serving index:** at exact search {said}; that conclusion holds in {int(holds.sum())} of {len(kept)} index settings "
+            "(HNSW ef_search, IVF nprobe, Elasticsearch's default quantisation emulated; unfiltered and filtered)")
     hnsw = kept[kept["setting"] == "hnsw ef_search=64"]
-    text = (f"**Serving index:** the same model wins, with a CI that excludes 0, in {int(survives.sum())} of {len(kept)} "
-            "index settings (HNSW ef_search, IVF nprobe, Elasticsearch's default quantisation emulated; unfiltered and filtered)")
     if len(hnsw):
         h = hnsw.iloc[0]
         text += f"; through HNSW at ef_search=64 the difference is {_f(h['diff'], sign=True)} ({_ci(h, 'diff_ci_low', 'diff_ci_high')})"
-    lost = kept.loc[~survives, "setting"].tolist()
+    lost = kept.loc[~holds, "setting"].tolist()
     if lost:
         text += f"; not in: {', '.join(lost[:6])}{' ...' if len(lost) > 6 else ''}"
     return text + ". [decision_fidelity_pairs.csv]"
