@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .catalog import Catalog
 from .images import ImageLoadError, load_rgb
@@ -564,3 +565,48 @@ _COLORS = (
 
 def _palette(i: int) -> str:
     return _COLORS[i % len(_COLORS)]
+
+
+FAMILY_MARKERS = {"float": "o", "pca": "s", "truncation": "D", "scalar": "^", "pq": "v", "binary": "X"}
+
+
+def quality_cost_frontier(
+    frame: pd.DataFrame, *, metric: str = "ndcg@5", cost: str = "bytes_per_item", title: str | None = None
+) -> Figure:
+    """Quality against storage: one point per (model, variant) of the decision report's frontier
+    table (``model, variant, family, <cost>, <metric>, <metric>_low/_high, pareto,
+    mercari_baseline``), CI bars, a marker per family, a colour per model; the Pareto front (no
+    point both cheaper and better) is joined by a line and its points ringed; Mercari's
+    production baseline (the CNN's 128-d PCA) is labelled."""
+    missing = [c for c in ("model", "variant", "family", cost, metric, "pareto") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"quality_cost_frontier needs column(s) {', '.join(missing)}; columns: {', '.join(map(str, frame.columns))}")
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, group) in enumerate(frame.groupby("model", sort=False)):
+        color = _palette(i)
+        for _, row in group.iterrows():
+            x, y = float(row[cost]), float(row[metric])
+            if f"{metric}_low" in row and np.isfinite(row[f"{metric}_low"]):
+                ax.errorbar(x, y, yerr=[[y - row[f"{metric}_low"]], [row[f"{metric}_high"] - y]], color=color, alpha=0.5, lw=1, capsize=2)
+            ax.scatter(x, y, marker=FAMILY_MARKERS.get(row["family"], "o"), color=color, s=46, zorder=3,
+                       edgecolors="black" if row["pareto"] else "none", linewidths=1.2)
+            ax.annotate(str(row["variant"]), (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6.5, color=color)
+        ax.plot([], [], color=color, marker="o", ls="", label=str(name))
+    front = frame[frame["pareto"]].sort_values(cost)
+    ax.step(front[cost].astype(float), front[metric].astype(float), where="post", color="black", lw=1, ls="--", alpha=0.6, label="Pareto front")
+    if "mercari_baseline" in frame.columns and frame["mercari_baseline"].any():
+        m = frame[frame["mercari_baseline"]].iloc[0]
+        ax.annotate(f"Mercari baseline:\n{m['model']} PCA-128", (float(m[cost]), float(m[metric])), xytext=(-30, 34),
+                    textcoords="offset points", fontsize=8, ha="right", arrowprops={"arrowstyle": "->", "lw": 0.8})
+    for family, marker in FAMILY_MARKERS.items():
+        if (frame["family"] == family).any():
+            ax.plot([], [], color=NEUTRAL, marker=marker, ls="", label=family)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("bytes per item (log scale)")
+    ax.set_ylabel(f"{metric} (95% CI)")
+    ax.set_title(title or f"{metric} against storage per item (ringed: Pareto front)", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncols=2)
+    return fig

@@ -27,7 +27,7 @@ from ._common import UserError, check_device
 from ._errors import describe_error, one_line
 
 # Subcommand modules, in the order `vrec --help` lists them.
-_COMMANDS = ("extract", "models", "index", "search", "evaluate", "finetune", "report", "data")
+_COMMANDS = ("extract", "models", "index", "search", "evaluate", "decide", "finetune", "report", "data")
 DEBUG_HELP = "show the traceback of an error (also VREC_DEBUG=1)"
 
 

@@ -1,0 +1,98 @@
+"""`vrec decide`: the decision report (CNN vs VLM: quality against cost, index fidelity, the
+category filter, per-category wins, the A/B plan, standard protocols, the verdict) as tables and a
+figure, without Jupyter."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..catalog import load_catalog
+from ..decision.categories import CORRECTIONS
+from ..decision.fidelity import HNSW_EF, IVF_NPROBE
+from ..decision.power import ABPlan
+from ..decision.run import DecisionParams, embedding_throughput, run_decision
+from ..models import create_embedder
+from ..plots import quality_cost_frontier, save_figure
+from ..store import load_embeddings
+from ._common import (
+    UserError,
+    add_catalog_args,
+    directory_path,
+    positive_int,
+    print_frame,
+    split_list,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "decide",
+        help="should the shop switch from the CNN to the VLM: quality vs cost, serving index, filter, A/B plan, verdict",
+        description="The decision report from cached embeddings (first model = the baseline CNN, second = the candidate): "
+        "writes decision_*.csv and decision_verdict.md to OUT/tables and the quality-cost frontier to OUT/figures.",
+    )
+    add_catalog_args(p)
+    p.add_argument("--models", required=True, help="two comma-separated cached models: baseline first (e.g. efficientnet-lite0,local:DIR)")
+    p.add_argument("--out", type=directory_path, default=Path("reports/decision"), help="output folder (default: reports/decision)")
+    p.add_argument("--label", default="articleType", help="relevance: same value of this column (default: articleType)")
+    p.add_argument("--category-column", default="subCategory", help="the category filter of parts 2-4 (default: subCategory)")
+    p.add_argument("--max-queries", type=positive_int, default=None, help="a seeded subset of the queries (default: all)")
+    p.add_argument("--hnsw-ef", default=",".join(map(str, HNSW_EF)), help="HNSW ef_search values to sweep (empty: none)")
+    p.add_argument("--nprobe", default=",".join(map(str, IVF_NPROBE)), help="IVF nprobe values to sweep (empty: none)")
+    p.add_argument("--correction", choices=tuple(CORRECTIONS), default="holm", help="per-category multiple-comparison control")
+    p.add_argument("--baseline-rate", type=float, default=ABPlan.baseline_rate, help="A/B: current click-through rate (default 0.05)")
+    p.add_argument("--daily-traffic", type=positive_int, default=ABPlan.daily_traffic, help="A/B: users per day (default 10000)")
+    p.add_argument("--mde", type=float, default=ABPlan.mde_relative, help="A/B: minimum detectable relative lift (default 0.05)")
+    p.add_argument("--alpha", type=float, default=ABPlan.alpha)
+    p.add_argument("--power", type=float, default=ABPlan.power)
+    p.add_argument("--traffic-share", type=float, default=ABPlan.traffic_share, help="A/B: share of traffic in the test (default 1)")
+    p.add_argument("--time-embedding", type=int, default=64, metavar="N",
+                   help="measure images/s on N images with each model (0: skip; loads the models)")
+    p.add_argument("--text", action="store_true", help="run the text protocols with the models' text towers (loads the models)")
+    p.add_argument("--device", default="cpu", help="device of the models for --time-embedding / --text (default: cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-bootstrap", type=positive_int, default=1000)
+    p.set_defaults(handler=run)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in split_list(text or ""))
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated whole numbers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"{flag} values must be at least 1, got {text!r}")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    catalog = load_catalog(args.catalog)
+    models = split_list(args.models)
+    if not models:
+        raise UserError("--models needs at least one model name")
+    try:
+        plan = ABPlan(baseline_rate=args.baseline_rate, daily_traffic=args.daily_traffic, mde_relative=args.mde, alpha=args.alpha,
+                      power=args.power, traffic_share=args.traffic_share)
+    except ValueError as exc:
+        raise UserError(f"A/B plan: {exc}") from None
+    params = DecisionParams(label=args.label, hnsw_ef=_ints(args.hnsw_ef, "--hnsw-ef"), ivf_nprobe=_ints(args.nprobe, "--nprobe"), category_column=args.category_column, max_queries=args.max_queries, seed=args.seed,
+                            n_bootstrap=args.n_bootstrap, correction=args.correction, ab=plan)
+    embeddings = {m: load_embeddings(args.workdir, catalog, m) for m in models}  # a missing cache: the command that makes it, first
+    embedders = {m: create_embedder(m, device=args.device) for m in models} if args.time_embedding > 0 or args.text else {}
+    throughput = {m: embedding_throughput(e, catalog, args.time_embedding, args.seed) for m, e in embedders.items()} if args.time_embedding > 0 else None
+    text = {m: e.embed_texts for m, e in embedders.items() if args.text and e.has_text}
+    report = run_decision(catalog, embeddings, params=params, throughput=throughput, text_encoders=text,
+                          tables_dir=Path(args.out) / "tables", progress=print)
+    figure = save_figure(quality_cost_frontier(report.tables["frontier"]), "decision_frontier", Path(args.out) / "figures")
+    print()
+    print("\n\n".join(line.replace("**", "") for line in report.verdict))
+    for note in report.notes:
+        print(f"note: {note}")
+    print()
+    print_frame(report.tables["frontier"].drop(columns=["description"]).round(4))
+    print(f"\ntables: {Path(args.out) / 'tables'} ({len(report.written)} files); figure: {figure}")
+    return 0
+
+
+__all__ = ["register", "run"]
