@@ -264,12 +264,12 @@ def test_cli_prints_both_sides_and_the_verdict(recipe_run, shifted_catalog, tmp_
     code = main([
         "finetune", "--catalog", "sample", "--out", str(tmp_path / "run"), "--workdir", str(work), "--epochs", "2",
         "--batch-size", "32", "--quiet", "--no-warm-cache", "--shift-catalog", str(shifted_catalog.root / "catalog.csv"),
-        "--n-bootstrap", "100",
+        "--n-bootstrap", "100", "--recipe", "alpha-mix-shift",
     ])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "in-domain" in out and "shift" in out and "reported half" in out and "verdict: " in out
     recorded = json.loads((tmp_path / "run" / "model" / "vrec_model.json").read_text())["recipe"]
-    assert recorded["name"] == cmd.DEFAULT_RECIPE and "shift" in recorded["selection"]
+    assert recorded["name"] == "alpha-mix-shift" and "shift" in recorded["selection"]
     assert main(["finetune", "--catalog", "sample", "--base", "tiny-siglip", "--recipe", "distill", "--out", str(tmp_path / "x")]) == 2
     assert "mini-siglip only" in capsys.readouterr().err
