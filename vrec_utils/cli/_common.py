@@ -146,3 +146,14 @@ def print_json(payload: Any) -> None:
 
 def split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def positive_int_list(text: str | None, flag: str) -> list[int]:
+    """``"5,10"`` -> ``[5, 10]`` (``[]`` for an empty value); anything else is a one-line error naming ``flag``."""
+    try:
+        values = [int(v) for v in split_list(text or "")]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"{flag} values must be at least 1, got {text!r}")
+    return values

@@ -20,6 +20,7 @@ from ._common import (
     add_catalog_args,
     directory_path,
     positive_int,
+    positive_int_list,
     print_frame,
     split_list,
 )
@@ -56,16 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in split_list(text or ""))
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated whole numbers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise UserError(f"{flag} values must be at least 1, got {text!r}")
-    return values
-
-
 def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     models = split_list(args.models)
@@ -76,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                       power=args.power, traffic_share=args.traffic_share)
     except ValueError as exc:
         raise UserError(f"A/B plan: {exc}") from None
-    params = DecisionParams(label=args.label, hnsw_ef=_ints(args.hnsw_ef, "--hnsw-ef"), ivf_nprobe=_ints(args.nprobe, "--nprobe"), category_column=args.category_column, max_queries=args.max_queries, seed=args.seed,
+    params = DecisionParams(label=args.label, hnsw_ef=tuple(positive_int_list(args.hnsw_ef, "--hnsw-ef")), ivf_nprobe=tuple(positive_int_list(args.nprobe, "--nprobe")), category_column=args.category_column, max_queries=args.max_queries, seed=args.seed,
                             n_bootstrap=args.n_bootstrap, correction=args.correction, ab=plan)
     embeddings = {m: load_embeddings(args.workdir, catalog, m) for m in models}  # a missing cache: the command that makes it, first
     embedders = {m: create_embedder(m, device=args.device) for m in models} if args.time_embedding > 0 or args.text else {}

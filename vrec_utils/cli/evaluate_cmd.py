@@ -11,7 +11,7 @@ import pandas as pd
 from ..catalog import Split, load_catalog
 from ..evaluation import CI_METHODS, MATRIX, EvaluationResult, evaluate_models
 from ..metrics import GAINS
-from ._common import UserError, add_allow_partial_arg, add_catalog_args, positive_int, print_frame, split_list
+from ._common import UserError, add_allow_partial_arg, add_catalog_args, positive_int, positive_int_list, print_frame, split_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,31 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _ints(text: str | None, what: str) -> list[int]:
-    if not text:
-        return []
-    try:
-        values = [int(v) for v in split_list(text)]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise UserError(f"{what} values must be at least 1, got {text!r}")
-    return values
-
-
 def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     models = split_list(args.models)
     if not models:
         raise UserError("--models needs at least one model name")
     options = {
-        "ks": _ints(args.k, "-k"),
+        "ks": positive_int_list(args.k, "-k"),
         "metrics": split_list(args.metrics) if args.metrics else None,
         "filter_column": args.filter_column,
         "split": Split.load(args.split) if args.split else None,
         "exclude_duplicates": not args.keep_duplicates,
         "gain": args.gain,
-        "pca_dims": _ints(args.pca_dims, "--pca-dims"),
+        "pca_dims": positive_int_list(args.pca_dims, "--pca-dims"),
         "fusions": [split_list(f.replace("+", ",")) for f in args.fuse],
         "backend": args.backend,
         "index_options": {"ann": args.ann} if args.ann else None,
