@@ -33,9 +33,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import Any, ClassVar
 
 from .data import REPO_ROOT
 from .notebook import NotebookParameters, open_catalog
@@ -182,7 +180,7 @@ class _SharedParameters(logging.Filter):
     it is passed; the shared ones come from ``import *`` of :mod:`vrec_utils.notebook.parameters`,
     which it cannot see. A truly unknown parameter still warns."""
 
-    _names = {f"Passed unknown parameter: {name}" for name in NotebookParameters.names()}
+    _names: ClassVar[frozenset[str]] = frozenset(f"Passed unknown parameter: {name}" for name in NotebookParameters.names())
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() not in self._names
@@ -246,16 +244,7 @@ def run_report(
     chosen = list_notebooks(notebooks_dir, notebooks)
     out = Path(out if out is not None else Path("reports") / profile).resolve()
     workdir = Path(workdir).resolve()
-    figures_dir, tables_dir, executed_dir = out / "figures", out / "tables", out / "notebooks"
-    if executed_dir.resolve() in {p.parent.resolve() for p in chosen}:
-        raise ValueError(f"--out {out} would overwrite the source notebooks in {executed_dir}; choose another folder")
-    # Stale output of an earlier report in the same folder goes (only the kinds of files we write).
-    for directory, pattern in ((figures_dir, "*.png"), (tables_dir, "*.csv"), (executed_dir, "*.ipynb")):
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(pattern):
-            stale.unlink()
-    for stale in (out / "report.html", out / "report.json"):
-        stale.unlink(missing_ok=True)  # a failed run must not leave an older report looking current
+    figures_dir, tables_dir, executed_dir = _clear_output(out, chosen)
     catalog_path = str(Path(catalog).resolve()) if catalog not in (None, "") else None
     opened = open_catalog(catalog_path, sample_size)
 
@@ -278,20 +267,7 @@ def run_report(
         "weights": {m: w for m, w in (weights or {}).items() if m in resolved.models},
         **dict(parameters or {}),
     }
-    seconds: dict[str, float] = {}
-    executed: list[Path] = []
-    # No progress bars inside the notebooks (the HTML would keep them) and no warning that
-    # ipywidgets is missing for them; papermill's per-cell bar shows progress on the terminal.
-    kernel_env = {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:IProgress not found"}
-    with _private_kernel(kernel_env) as kernel:
-        for number, notebook in enumerate(chosen, start=1):
-            t0 = time.perf_counter()
-            say(f"[{number}/{len(chosen)}] {notebook.stem} ...")
-            target = executed_dir / notebook.name
-            execute_notebook(notebook, target, injected, kernel_name=kernel, timeout=timeout, progress=progress)
-            seconds[notebook.stem] = round(time.perf_counter() - t0, 2)
-            executed.append(target)
-            say(f"[{number}/{len(chosen)}] {notebook.stem} done in {seconds[notebook.stem]:.1f} s")
+    executed, seconds = _run_notebooks(chosen, executed_dir, injected, timeout=timeout, progress=progress, say=say)
     html = out / "report.html"
     write_html(executed, html, title_info={
         "profile": resolved.name,
@@ -318,6 +294,40 @@ def run_report(
         "figures": [p.name for p in result.figures],
     }, indent=2))
     return result
+
+
+def _clear_output(out: Path, chosen: Sequence[Path]) -> tuple[Path, Path, Path]:
+    """The figures, tables and executed-notebooks folders of ``out``, emptied of an earlier
+    report's files (only the kinds of files a report writes)."""
+    figures_dir, tables_dir, executed_dir = out / "figures", out / "tables", out / "notebooks"
+    if executed_dir.resolve() in {p.parent.resolve() for p in chosen}:
+        raise ValueError(f"--out {out} would overwrite the source notebooks in {executed_dir}; choose another folder")
+    for directory, pattern in ((figures_dir, "*.png"), (tables_dir, "*.csv"), (executed_dir, "*.ipynb")):
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(pattern):
+            stale.unlink()
+    for stale in (out / "report.html", out / "report.json"):
+        stale.unlink(missing_ok=True)  # a failed run must not leave an older report looking current
+    return figures_dir, tables_dir, executed_dir
+
+
+def _run_notebooks(chosen: Sequence[Path], executed_dir: Path, injected: Mapping[str, Any], *, timeout: int, progress: bool, say) -> tuple[list[Path], dict[str, float]]:
+    """Execute the notebooks in order in one private kernel spec; the executed copies and seconds each."""
+    seconds: dict[str, float] = {}
+    executed: list[Path] = []
+    # No progress bars inside the notebooks (the HTML would keep them) and no warning that
+    # ipywidgets is missing for them; papermill's per-cell bar shows progress on the terminal.
+    kernel_env = {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:IProgress not found"}
+    with _private_kernel(kernel_env) as kernel:
+        for number, notebook in enumerate(chosen, start=1):
+            t0 = time.perf_counter()
+            say(f"[{number}/{len(chosen)}] {notebook.stem} ...")
+            target = executed_dir / notebook.name
+            execute_notebook(notebook, target, injected, kernel_name=kernel, timeout=timeout, progress=progress)
+            seconds[notebook.stem] = round(time.perf_counter() - t0, 2)
+            executed.append(target)
+            say(f"[{number}/{len(chosen)}] {notebook.stem} done in {seconds[notebook.stem]:.1f} s")
+    return executed, seconds
 
 
 # ------------------------------------------------------------------------------- HTML

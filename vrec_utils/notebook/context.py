@@ -18,18 +18,36 @@ from typing import Any
 
 import pandas as pd
 
-from ..catalog import Catalog, CatalogError, Split, hash_unit_interval, load_catalog, split_catalog
+from ..catalog import (
+    Catalog,
+    CatalogError,
+    Split,
+    hash_unit_interval,
+    load_catalog,
+    split_catalog,
+)
 from ..data import bundled_sample
 from ..extract import extract_image_embeddings
 from ..index import build_index
 from ..models import create_embedder, get_model_entry
-from ..plots import project_2d
 from ..models.local import local_model_dir
-from .parameters import NotebookParameters
-from ..profiles import ResolvedProfile, _local_model_json, display_name, get_profile, resolve_profile
+from ..plots import project_2d
+from ..profiles import (
+    ResolvedProfile,
+    _local_model_json,
+    display_name,
+    get_profile,
+    resolve_profile,
+)
 from ..search import recommend, search_by_image, search_by_text
-from ..store import DEFAULT_WORKDIR, EmbeddingsNotFoundError, list_caches, load_embeddings
+from ..store import (
+    DEFAULT_WORKDIR,
+    EmbeddingsNotFoundError,
+    list_caches,
+    load_embeddings,
+)
 from ..train import extract_finetuned_embeddings
+from .parameters import NotebookParameters
 
 
 def training_split(models: Sequence[str], catalog: Catalog) -> Split | None:

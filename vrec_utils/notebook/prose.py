@@ -22,7 +22,9 @@ from ..profiles import display_name
 
 
 def _markdown(text: str):
-    from IPython.display import Markdown  # display-only, deferred: the CLI has no Jupyter
+    from IPython.display import (
+        Markdown,  # display-only, deferred: the CLI has no Jupyter
+    )
 
     return Markdown(text)
 
