@@ -24,7 +24,6 @@ from vrec_utils.decision.compression import (
     sign_codes,
 )
 from vrec_utils.decision.data import decision_data, loo_search
-from vrec_utils.decision.fidelity import recall_at_k
 from vrec_utils.decision.filtering import filter_rows, violation_share
 from vrec_utils.decision.power import ABPlan, ab_plan_table, sample_size
 from vrec_utils.decision.protocols import (
@@ -35,6 +34,7 @@ from vrec_utils.decision.protocols import (
 )
 from vrec_utils.decision.run import DecisionParams, run_decision
 from vrec_utils.index import create_index
+from vrec_utils.index.exact import neighbour_recall as recall_at_k
 from vrec_utils.store import Embeddings, EmbeddingsNotFoundError
 
 FAST = DecisionParams(pca_dims=(16, 128), hnsw_ef=(8, 64), ivf_nprobe=(), n_bootstrap=200, n_permutations=500, latency_queries=32,

@@ -23,21 +23,13 @@ import numpy as np
 import pandas as pd
 
 from ..index import create_index
+from ..index.exact import neighbour_recall
 from .compression import DEFAULT_OVERSAMPLE, Variant, model_variants, search_variant
 from .data import DecisionData
 
 HNSW_EF = (8, 16, 32, 64, 128)
 IVF_NPROBE = (1, 2, 4, 8, 16)
 ES_BBQ_MIN_DIMS = 384  # Elasticsearch 9.1+: dense_vector fields of 384+ dims default to bbq_hnsw
-
-
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """Per query: the share of the exact top-k (-1 = none) that ``found`` also lists."""
-    out = np.empty(len(found), dtype=np.float64)
-    for i, (f, e) in enumerate(zip(found, exact)):
-        e = e[e >= 0]
-        out[i] = len(np.intersect1d(f[f >= 0], e)) / len(e) if len(e) else 1.0
-    return out
 
 
 def es_default_quantiser(dims: int) -> str:
@@ -92,7 +84,7 @@ def fidelity_rows(data: DecisionData, hnsw_ef: Sequence[int] = HNSW_EF, ivf_npro
                     setting = f"{ann} {name}={value}{tag}"
                     values[(model, setting)], dims[(model, setting)] = data.score(found), x.shape[1]
                     records.append({"model": model, "setting": setting, "index": ann, "parameter": name, "value": value,
-                                    "filtered": filtered, f"recall@{k}": recall_at_k(found, exact).mean(), "latency_ms_per_query": ms})
+                                    "filtered": filtered, f"recall@{k}": neighbour_recall(found, exact).mean(), "latency_ms_per_query": ms})
             if es_default:
                 kind = es_default_quantiser(x.shape[1])
                 variant = next(v for v in model_variants(data, model, pca_dims=(), quantisers=(kind,)) if v.name == kind)
@@ -100,7 +92,7 @@ def fidelity_rows(data: DecisionData, hnsw_ef: Sequence[int] = HNSW_EF, ivf_npro
                 setting = f"es-default{tag}"  # one name for both models (their quantisers may differ: see "note")
                 values[(model, setting)], dims[(model, setting)] = data.score(found), x.shape[1]
                 records.append({"model": model, "setting": setting, "index": f"es-default {'bbq' if kind != 'int8' else 'int8'} (emulated)", "parameter": "quantiser",
-                                "value": np.nan, "filtered": filtered, f"recall@{k}": recall_at_k(found, exact).mean(),
+                                "value": np.nan, "filtered": filtered, f"recall@{k}": neighbour_recall(found, exact).mean(),
                                 "latency_ms_per_query": np.nan, "note": _es_note(variant)})
     return values, dims, records
 
@@ -144,4 +136,4 @@ def ranking_survival(data: DecisionData, result, metric: str = "ndcg@5") -> pd.D
     return frame.rename(columns={"setting_a": "setting"}).drop(columns=["setting_b"])
 
 
-__all__ = ["ES_BBQ_MIN_DIMS", "HNSW_EF", "IVF_NPROBE", "es_default_quantiser", "fidelity_rows", "fidelity_table", "ranking_survival", "recall_at_k"]
+__all__ = ["ES_BBQ_MIN_DIMS", "HNSW_EF", "IVF_NPROBE", "es_default_quantiser", "fidelity_rows", "fidelity_table", "ranking_survival"]

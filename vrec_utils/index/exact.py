@@ -469,7 +469,18 @@ def leave_one_out_knn(
     return out
 
 
+def neighbour_recall(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Per query: the share of the exact top-k row numbers (-1 = none) that ``found`` also lists
+    (an approximate index's recall against exact search); 1.0 where the exact list is empty."""
+    out = np.empty(len(found), dtype=np.float64)
+    for i, (f, e) in enumerate(zip(found, exact)):
+        e = e[e >= 0]
+        out[i] = len(np.intersect1d(f[f >= 0], e)) / len(e) if len(e) else 1.0
+    return out
+
+
 __all__ = [
     "EXACT_METHODS", "MATRIX_BLOCK", "TIE_MARGIN", "Bf16Items", "bf16_error_bounds", "bf16_rescored_knn", "canonical_scores",
-    "canonical_top_k", "cpu_has_fast_bf16", "exact_knn", "kernel_tolerance", "leave_one_out_knn", "resolve_exact_method", "use_bf16",
+    "canonical_top_k", "cpu_has_fast_bf16", "exact_knn", "kernel_tolerance", "leave_one_out_knn", "neighbour_recall", "resolve_exact_method",
+    "use_bf16",
 ]

@@ -38,6 +38,8 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from .exact import neighbour_recall
+
 TRAINED = "trained.index"
 POPULATED = "populated.index"
 IVFDATA = "lists.ivfdata"
@@ -218,5 +220,4 @@ class OnDiskIvfIndex:
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean share of the exact top-k labels that ``found`` (same shape) also returned."""
-    hits = [len(set(f[f >= 0]) & set(e[e >= 0])) / max(1, int((e >= 0).sum())) for f, e in zip(found, exact)]
-    return float(np.mean(hits))
+    return float(neighbour_recall(found, exact).mean())
