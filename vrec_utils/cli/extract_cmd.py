@@ -11,7 +11,14 @@ from ..engines import ENGINES, PRECISIONS
 from ..extract import extract_image_embeddings, extract_text_embeddings
 from ..models import create_embedder
 from ..runners import RUNNERS, RayOptions, ray_runner
-from ._common import UserError, add_catalog_args, add_model_args, non_negative_int, positive_int, print_json
+from ._common import (
+    UserError,
+    add_catalog_args,
+    add_model_args,
+    non_negative_int,
+    positive_int,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,4 +1,6 @@
-"""Who runs the model during ``vrec extract``: the local DataLoader pipeline or a Ray cluster.
+"""Who runs the model during ``vrec extract``: the local DataLoader pipeline
+(:func:`vrec_utils.extract.run_image_batches`, the default when no runner is given) or a Ray
+cluster (:func:`ray_runner`).
 
 Both go through :func:`vrec_utils.extract.extract_image_embeddings`, which owns the cache (one
 writer: the same content-addressed chunks, manifest and skipped-items file); a runner only
@@ -7,9 +9,14 @@ decides where images are decoded and embedded.
 
 from __future__ import annotations
 
-from .local import local_runner
-from .ray_runner import RAY_INSTALL, RayOptions, RayUnavailableError, ray_runner, require_ray
+from .ray_runner import (
+    RAY_INSTALL,
+    RayOptions,
+    RayUnavailableError,
+    ray_runner,
+    require_ray,
+)
 
 RUNNERS = ("local", "ray")
 
-__all__ = ["RAY_INSTALL", "RUNNERS", "RayOptions", "RayUnavailableError", "local_runner", "ray_runner", "require_ray"]
+__all__ = ["RAY_INSTALL", "RUNNERS", "RayOptions", "RayUnavailableError", "ray_runner", "require_ray"]

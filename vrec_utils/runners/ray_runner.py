@@ -126,7 +126,6 @@ class EmbedActor:
                 f"the Ray worker's model differs from the driver's ({self.embedder.identity()} vs {identity}); "
                 "every worker must build the same weights and preprocessing"
             )
-        self.precision = precision
         self.normalize = normalize
         self.engine = TorchEngine(self.embedder, precision, "torch: a Ray actor")
 
