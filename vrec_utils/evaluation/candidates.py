@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..catalog import Catalog, Split
+from ..image_files import ImageSourceError, read_bytes
 from ..store import Embeddings
 
 
@@ -31,8 +31,8 @@ def duplicate_keys(catalog: Catalog, ids: Sequence[str]) -> pd.Series:
             keys.append(f"meta:{groups[item_id]}")
             continue
         try:
-            keys.append("sha256:" + hashlib.sha256(Path(catalog.items.at[item_id, "image"]).read_bytes()).hexdigest())
-        except OSError:
+            keys.append("sha256:" + hashlib.sha256(read_bytes(catalog.items.at[item_id, "image"])).hexdigest())
+        except ImageSourceError:
             keys.append(f"id:{item_id}")
     return pd.Series(keys, index=list(ids), name="dup_key")
 
