@@ -21,13 +21,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
 
-from .image_files import is_uri
+from .image_files import is_uri, local_path
 
 FASHION_TITLE_COLUMN = "productDisplayName"
 FASHION_LABEL_COLUMNS = (
@@ -210,10 +208,10 @@ def _validate(df: pd.DataFrame, root: Path, source: Path, labels: tuple[str, ...
     root_resolved = root.resolve()
     absolute, escaping, escaping_images, missing = [], [], [], []
     for item_id, rel in zip(df["id"], df["image"]):
-        if is_uri(rel) and not rel.lower().startswith("file://"):
+        local = local_path(rel) if is_uri(rel) else rel
+        if local is None:
             absolute.append(rel)  # object storage: not checked here (a request per item); extraction reports what is unreadable
             continue
-        local = url2pathname(urlparse(rel).path) if is_uri(rel) else rel
         candidate = (root_resolved / local).resolve()
         if not candidate.is_relative_to(root_resolved):
             escaping.append(item_id)

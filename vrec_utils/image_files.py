@@ -46,6 +46,16 @@ def is_uri(path: str | os.PathLike) -> bool:
     return bool(_URI.match(str(path)))
 
 
+def local_path(uri: str) -> str | None:
+    """The local path a ``file://`` URI names, read as fsspec reads it (no percent-decoding);
+    None for other URIs."""
+    if not str(uri).lower().startswith("file://"):
+        return None
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem._strip_protocol(str(uri))
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The whole file or object."""
     if not is_uri(path):
@@ -150,4 +160,4 @@ def _reason(exc: BaseException) -> str:
     return f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-__all__ = ["CLOUD_INSTALL", "FilesystemUnavailableError", "ImageSourceError", "filesystem", "is_uri", "read_bytes", "version"]
+__all__ = ["CLOUD_INSTALL", "FilesystemUnavailableError", "ImageSourceError", "filesystem", "is_uri", "local_path", "read_bytes", "version"]
