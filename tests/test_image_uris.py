@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,6 +30,7 @@ from vrec_utils.catalog import load_catalog
 from vrec_utils.evaluation.candidates import duplicate_keys
 from vrec_utils.extract import extract_image_embeddings
 from vrec_utils.images import ImageLoadError, load_rgb
+from vrec_utils.plots import image_grid
 
 REPO = Path(__file__).resolve().parent.parent
 N_IMAGES = 50
@@ -190,6 +192,10 @@ def test_s3_images_embed_like_local_paths_and_a_missing_key_is_skipped_once(s3_c
     ids = local.embeddings.ids.tolist()
     assert duplicate_keys(s3_catalog, ids).tolist() == duplicate_keys(load_catalog(local_copy), ids).tolist()
     np.testing.assert_array_equal(np.asarray(load_rgb(s3_catalog.image_path(ids[3]))), np.asarray(load_rgb(local_copy / "images" / f"{ids[3]}.jpg")))
+    figure = image_grid(s3_catalog, ids[:4], ncols=4)  # the notebooks' grids: the S3 pixels, not the grey placeholder
+    for ax, item in zip(figure.axes, ids[:4]):
+        np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), np.asarray(load_rgb(local_copy / "images" / f"{item}.jpg")))
+    plt.close(figure)
 
 
 def test_s3_images_on_the_ray_runner(s3_catalog, local_copy, tmp_path, capsys):
