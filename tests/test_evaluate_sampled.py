@@ -52,12 +52,29 @@ def test_output_says_how_many_queries_and_which_index_answered(catalog, workdir,
     print_result(result)
     out = capsys.readouterr().out
     assert f"queries: a sample of 40 of {result.report['query_sample']['of']} (seed 7, stratified by articleType)" in out
-    assert "answered by: faiss index (default settings)" in out
+    assert "answered by: faiss index (ann=none)" in out
     result.to_json(tmp_path / "eval.json")
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved["report"]["query_sample"]["queries"] == 40 and saved["config"]["answered_by"] == "faiss index (default settings)"
+    assert saved["report"]["query_sample"]["queries"] == 40 and saved["config"]["answered_by"] == "faiss index (ann=none)"
 
 
 def test_cli_refuses_a_zero_sample(capsys, sample_dir, tmp_path):
     code = main(["evaluate", "--catalog", str(sample_dir), "--workdir", str(tmp_path), "--models", "m", "--sample-queries", "0"])
     assert code == 2 and "--sample-queries" in capsys.readouterr().err
+
+
+def test_sampled_queries_answered_by_the_ondisk_ivf_name_it_and_its_settings(catalog, workdir, capsys):  # noqa: F811
+    exact = evaluate_models(catalog, workdir, ["fake-cnn"], sample_queries=40, seed=7, **FAST)
+    everything = evaluate_models(catalog, workdir, ["fake-cnn"], sample_queries=40, seed=7, backend="ivf-ondisk", index_options={"nprobe": 10**6}, **FAST)
+    settings = everything.config["index_settings"]["fake-cnn"]
+    assert settings["nprobe"] == settings["nlist"] and settings["factory"].endswith(",SQ8")  # every list probed
+    # every list probed, SQ8 codes: the same queries, and scores close to the exact ones
+    assert everything.query_ids.tolist() == exact.query_ids.tolist()
+    for metric in ("ndcg@5", "ndcg@10"):
+        assert abs(everything.table().set_index("model").at["fake-cnn", metric] - exact.table().set_index("model").at["fake-cnn", metric]) < 0.03
+    default = evaluate_models(catalog, workdir, ["fake-cnn"], sample_queries=40, seed=7, backend="ivf-ondisk", **FAST)
+    described = default.config["index_settings"]["fake-cnn"]
+    assert described["nprobe"] < described["nlist"]  # the plan's own nprobe
+    print_result(default)
+    out = capsys.readouterr().out
+    assert f"answered by: ivf-ondisk index (factory={described['factory']}, nlist={described['nlist']}, nprobe={described['nprobe']}, memory_budget={4 * 2**30})" in out

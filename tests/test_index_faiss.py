@@ -66,11 +66,11 @@ def _assert_same(result: SearchResult, ids, reference, atol=1e-5):
 # ---------------------------------------------------------------------------------------- exact search
 
 
-def test_registry_lists_both_backends():
+def test_registry_lists_the_backends():
     frame = list_index_backends()
-    assert set(frame["name"]) == {"faiss", "elasticsearch"}
+    assert set(frame["name"]) == {"faiss", "elasticsearch", "ivf-ondisk"}
     assert frame.set_index("name").loc["elasticsearch", "max_k"] == 10_000
-    with pytest.raises(KeyError, match="unknown index backend 'annoy'; available: elasticsearch, faiss"):
+    with pytest.raises(KeyError, match="unknown index backend 'annoy'; available: elasticsearch, faiss, ivf-ondisk"):
         create_index("annoy", model=MODEL, dim=4)
 
 

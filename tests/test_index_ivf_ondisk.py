@@ -3,12 +3,18 @@ neighbours as an in-memory IVF with the same training; the memory budget picks t
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import faiss
 import numpy as np
+import pandas as pd
 import pytest
 
-from vrec_utils.index import ivf_ondisk
-from vrec_utils.index.ivf_ondisk import OnDiskIvfIndex, build, plan_ivf, recall_at_k
+from vrec_utils.cli import main
+from vrec_utils.index import IndexBackendError, build_index, ivf_ondisk
+from vrec_utils.index.ivf_ondisk import IvfOnDiskIndex, OnDiskIvfIndex, build, plan_ivf, recall_at_k
 
 
 def shards_of(ids, vectors, size):
@@ -59,3 +65,85 @@ def test_memory_budget_chooses_sq8_then_smaller_pq_codes():
 def test_recall_at_k_counts_shared_neighbours():
     exact = np.array([[0, 1, 2], [3, 4, -1]])
     assert recall_at_k(np.array([[2, 1, 0], [3, 9, -1]]), exact) == pytest.approx((1 + 0.5) / 2)
+
+
+# ---------------------------------------------------------------------------------------- the registered backend
+
+
+def test_registered_backend_answers_like_a_direct_ondisk_search(real):
+    catalog, workdir, embeddings = real
+    index = build_index(workdir, catalog, "efficientnet-lite0", backend="ivf-ondisk", nprobe=2)
+    assert isinstance(index, IvfOnDiskIndex) and len(index) == len(catalog) and index.info["reused"] is False
+    described = index.describe()
+    assert described["factory"].endswith(",SQ8") and described["nprobe"] == 2 and described["memory_budget"] == 4 * 2**30
+    direct = OnDiskIvfIndex.open(index.info["path"])
+    queries = np.ascontiguousarray(embeddings.vectors[:40], dtype=np.float32)
+    want_ids, want_scores = direct.search(queries, 10, nprobe=2)
+    got = index.search(queries, 10)
+    assert got.ids.tolist() == want_ids.tolist()
+    np.testing.assert_array_equal(got.scores, want_scores)
+    # leave-one-out (what evaluation asks): the direct k+1 list without the query item
+    ids = np.asarray(embeddings.ids[:40], dtype=str)
+    loo = index.search(queries, 10, exclude_ids=list(ids))
+    wide, _ = direct.search(queries, 11, nprobe=2)
+    expected = [[i for i in row if i != own][:10] for row, own in zip(wide.tolist(), ids)]
+    assert loo.ids.tolist() == expected
+    # reused while the embeddings are unchanged; nprobe is a search setting, not a rebuild
+    again = build_index(workdir, catalog, "efficientnet-lite0", backend="ivf-ondisk", nprobe=4)
+    assert again.info["reused"] is True and again.describe()["nprobe"] == 4
+
+
+def test_filtered_search_returns_the_best_allowed_items(real):
+    catalog, workdir, embeddings = real
+    index = build_index(workdir, catalog, "efficientnet-lite0", backend="ivf-ondisk", filter_columns=["articleType"], nprobe=1)
+    direct = OnDiskIvfIndex.open(index.info["path"])
+    labels = catalog.items.loc[embeddings.ids, "articleType"].to_numpy(dtype=str)
+    rare = pd.Series(labels).value_counts().index[-1]  # a label with very few items: its rows fall back to every list
+    queries = np.ascontiguousarray(embeddings.vectors[:30], dtype=np.float32)
+    for value in ("Tshirts", rare):
+        got = index.search(queries, 5, filters={"articleType": value})
+        allowed = int((labels == value).sum())
+        assert (got.counts() == min(5, allowed)).all()
+        assert set(catalog.items.loc[got.ids[got.ids != ""], "articleType"]) == {value}
+        # reference: every item scored (all lists), filtered afterwards; rows that found enough in
+        # their one probed list must agree with the same post-filter over their probed list only
+        every, _ = direct.search(queries, len(direct), nprobe=direct.nlist)
+        one_list, _ = direct.search(queries, len(direct), nprobe=1)
+        allowed_ids = set(np.asarray(embeddings.ids)[labels == value])
+        for row in range(len(queries)):
+            in_list = [i for i in one_list[row] if i in allowed_ids]
+            reference = in_list if len(in_list) >= min(5, allowed) else [i for i in every[row] if i in allowed_ids]
+            assert got.ids[row][: min(5, allowed)].tolist() == reference[:5]
+
+
+def test_an_index_of_another_catalog_is_never_served(real):
+    catalog, workdir, _ = real
+    whole = build_index(workdir, catalog, "efficientnet-lite0", backend="ivf-ondisk")
+    part = catalog.head(200)
+    # the other catalog's folder name; plant the whole catalog's index there, as a stale copy would be
+    fresh = build_index(workdir, part, "efficientnet-lite0", backend="ivf-ondisk")
+    planted = Path(fresh.info["path"])
+    shutil.rmtree(planted)
+    shutil.copytree(whole.info["path"], planted)
+    served = build_index(workdir, part, "efficientnet-lite0", backend="ivf-ondisk")
+    assert served.info["reused"] is False and len(served) == 200
+    assert set(served.search(np.ones(served.dim, np.float32), 200).ids[0]) == set(part.ids)
+    assert json.loads((planted / "index.json").read_text())["info"]["catalog"] == part.fingerprint()
+
+
+def test_a_built_index_refuses_more_items_and_the_cli_builds_one(real, capsys):
+    catalog, workdir, embeddings = real
+    index = build_index(workdir, catalog, "efficientnet-lite0", backend="ivf-ondisk")
+    with pytest.raises(IndexBackendError, match="--rebuild"):
+        index.add(["new"], embeddings.vectors[:1], catalog.items.loc[[catalog.ids[0]], list(catalog.label_columns)].set_axis(["new"]))
+    # the CLI reads the whole fashion-small folder: its first 300 items have vectors (--allow-partial)
+    base = ["index", "--catalog", str(catalog.root), "--workdir", str(workdir), "--model", "efficientnet-lite0", "--backend", "ivf-ondisk"]
+    code = main([*base, "--memory-budget", "1G", "--nprobe", "3", "--json", "--allow-partial"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    summary = json.loads(out.out)
+    assert (summary["backend"], summary["nprobe"], summary["memory_budget"]) == ("ivf-ondisk", 3, 2**30)
+    assert summary["size"] >= 300  # the first 300, and later byte-identical copies of them (vectors are shared by content)
+    assert summary["factory"].endswith(",SQ8") and summary["lists_bytes"] <= 2**30
+    assert main([*base, "--es-index", "x"]) == 2 and "--es-index: not a setting of the ivf-ondisk backend" in capsys.readouterr().err
+    assert main([*base, "--memory-budget", "lots"]) == 2

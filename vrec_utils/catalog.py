@@ -4,8 +4,11 @@ Two layouts are understood:
 
 * the Fashion Product Images layout: a folder with ``styles.csv`` and ``images/<id>.jpg``
   (``productDisplayName`` becomes the title);
-* a generic CSV with columns ``id,image`` (image path relative to the CSV's folder), any
-  label columns and an optional ``title``. A folder holding ``catalog.csv`` is read the same way.
+* a generic CSV with columns ``id,image`` (image path relative to the CSV's folder, or a URI:
+  ``file://``, ``s3://``, ``gs://``, see :mod:`vrec_utils.image_files`), any label columns and an
+  optional ``title``. A folder holding ``catalog.csv`` is read the same way. Local paths and
+  ``file://`` URIs must stay inside the catalog's folder; object-storage URIs are checked when
+  extraction reads them (unreadable ones go to ``skipped.csv``).
 
 Every value is read as a string with ``keep_default_na=False``: the literal ``NA`` is a value
 (fashion-small has 91 ``usage == "NA"`` rows), not a missing one.
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .image_files import is_uri, local_path
 
 FASHION_TITLE_COLUMN = "productDisplayName"
 FASHION_LABEL_COLUMNS = (
@@ -89,7 +94,7 @@ def _preview(ids: tuple[str, ...], n: int = 5) -> str:
 @dataclass(frozen=True)
 class Catalog:
     """A validated catalog. ``items`` is indexed by the string item id and has the columns
-    ``image`` (absolute path), ``title`` (may be empty) and the label columns."""
+    ``image`` (absolute path or URI), ``title`` (may be empty) and the label columns."""
 
     items: pd.DataFrame
     root: Path
@@ -108,8 +113,10 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.items)
 
-    def image_path(self, item_id: str) -> Path:
-        return Path(self.items.at[self.require_id(item_id), "image"])
+    def image_path(self, item_id: str) -> Path | str:
+        """The item's image: a local ``Path``, or the URI string (``s3://...``) as the catalog gives it."""
+        image = self.items.at[self.require_id(item_id), "image"]
+        return image if is_uri(image) else Path(image)
 
     def require_id(self, item_id: str | int) -> str:
         key = str(item_id)
@@ -201,13 +208,17 @@ def _validate(df: pd.DataFrame, root: Path, source: Path, labels: tuple[str, ...
     root_resolved = root.resolve()
     absolute, escaping, escaping_images, missing = [], [], [], []
     for item_id, rel in zip(df["id"], df["image"]):
-        candidate = (root_resolved / rel).resolve()
+        local = local_path(rel) if is_uri(rel) else rel
+        if local is None:
+            absolute.append(rel)  # object storage: not checked here (a request per item); extraction reports what is unreadable
+            continue
+        candidate = (root_resolved / local).resolve()
         if not candidate.is_relative_to(root_resolved):
             escaping.append(item_id)
             escaping_images.append(rel)
             absolute.append("")
             continue
-        absolute.append(str(candidate))
+        absolute.append(rel if is_uri(rel) else str(candidate))  # a file:// URI stays one (read through fsspec)
         if not candidate.is_file():
             missing.append(item_id)
     df = df.assign(image=absolute)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .catalog import Catalog
 from .engines import TorchEngine, autocast_context, resolve_precision, select_engine
+from .image_files import FilesystemUnavailableError
 from .images import ImageLoadError, load_rgb, split_transform
 from .models.base import Embedder
 from .store import EmbeddingCache, Embeddings
@@ -42,6 +43,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, position: int):
         try:
             pixels = self.transform(load_rgb(self.paths[position]))
+        except FilesystemUnavailableError:
+            raise  # a missing package (pip install 'vrec[cloud]'), not one bad image: stop
         except ImageLoadError as exc:
             return position, None, str(exc)
         except (OSError, ValueError, RuntimeError) as exc:  # a transform choking on odd input

@@ -2,11 +2,13 @@
 
 EXIF orientation is applied, transparency is composited on white, 16-bit and float images are
 rescaled to 8 bits, palette and CMYK images are converted, animated images give their first frame.
-Images larger than ``max_pixels`` are refused before their pixels are decoded.
+Images larger than ``max_pixels`` are refused before their pixels are decoded. A path may be a
+URI (``file://``, ``s3://``, ``gs://``): its bytes come from :mod:`vrec_utils.image_files`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .image_files import ImageSourceError, is_uri, read_bytes
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~ 7000 x 7000; catalogue photos are far smaller
 WHITE = (255, 255, 255)
@@ -24,15 +28,31 @@ class ImageLoadError(Exception):
 
 
 def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a local image path or an image URI (``file://``, ``s3://``, ``gs://``: read by
+    :mod:`vrec_utils.image_files`). Raises :class:`ImageLoadError` saying why it cannot, and
+    :class:`~vrec_utils.image_files.FilesystemUnavailableError` when a URI's filesystem package
+    is not installed (a setup error, not one bad image)."""
+    if is_uri(path):
+        try:
+            data = read_bytes(path)
+        except ImageSourceError as exc:
+            raise ImageLoadError(str(exc)) from None
+        if not data:
+            raise ImageLoadError("empty object")
+        return _decode(io.BytesIO(data), max_pixels)
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError("file not found")
     if path.stat().st_size == 0:
         raise ImageLoadError("empty file")
+    return _decode(path, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 width, height = im.size
                 if width * height > max_pixels:
                     raise ImageLoadError(

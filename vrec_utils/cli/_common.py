@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from ..catalog import CatalogError
+from ..image_files import FilesystemUnavailableError
 from ..images import ImageLoadError
 from ..store import DEFAULT_WORKDIR, CacheError, EmbeddingsNotFoundError
 
@@ -29,6 +30,7 @@ def error_types() -> tuple[type[BaseException], ...]:
         UserError,
         CatalogError,
         ImageLoadError,
+        FilesystemUnavailableError,
         ModelUnavailableError,
         RayUnavailableError,
         TextNotSupportedError,

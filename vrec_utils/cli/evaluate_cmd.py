@@ -12,6 +12,7 @@ from ..catalog import Split, load_catalog
 from ..evaluation import CI_METHODS, MATRIX, EvaluationResult, evaluate_models
 from ..metrics import GAINS
 from ._common import UserError, add_allow_partial_arg, add_catalog_args, positive_int, positive_int_list, print_frame, split_list
+from .index_cmd import byte_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pca-dims", default=None, metavar="D1,D2", help="also evaluate PCA-reduced vectors (e.g. 32,64,128)")
     p.add_argument("--fuse", action="append", default=[], metavar="M1+M2", help="also evaluate a fusion (mean cosine) of models; repeatable")
     p.add_argument("--backend", default=MATRIX,
-                   help="matrix (default: exact similarity-matrix blocks) or an index backend such as faiss (the serving path)")
+                   help="matrix (default: exact similarity-matrix blocks) or an index backend: faiss, ivf-ondisk, elasticsearch (the serving path)")
     p.add_argument("--ann", default=None, choices=("none", "hnsw", "ivf"), help="with --backend faiss: approximate index kind")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="with --backend faiss --ann ivf or ivf-ondisk: lists probed per query")
+    p.add_argument("--memory-budget", type=byte_size, default=None, metavar="SIZE", help="with --backend ivf-ondisk: bytes its lists may take (default 4G)")
     p.add_argument("--sample-queries", type=positive_int, default=None, metavar="N",
                    help="large catalogs: evaluate N queries (seeded by --seed, stratified by the label) against every candidate")
     p.add_argument("--ci", choices=CI_METHODS, default="bca", help="bootstrap interval method (default: bca)")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "pca_dims": positive_int_list(args.pca_dims, "--pca-dims"),
         "fusions": [split_list(f.replace("+", ",")) for f in args.fuse],
         "backend": args.backend,
-        "index_options": {"ann": args.ann} if args.ann else None,
+        "index_options": {k: v for k, v in (("ann", args.ann), ("nprobe", args.nprobe), ("memory_budget", args.memory_budget)) if v is not None} or None,
         "ci_method": args.ci,
         "n_bootstrap": args.n_bootstrap,
         "n_permutations": args.n_permutations,

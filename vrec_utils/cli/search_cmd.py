@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..catalog import load_catalog
 from ..engines import ENGINES
@@ -37,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_allow_partial_arg(s)
     add_model_args(s)
     what = s.add_mutually_exclusive_group(required=True)
-    what.add_argument("--image", action="append", type=Path, metavar="PATH", help="query image file (repeat for several)")
+    what.add_argument("--image", action="append", type=str, metavar="PATH|URI", help="query image file or URI (s3://, gs://, file://; repeat for several)")
     what.add_argument("--text", action="append", metavar="TEXT", help='query text, e.g. "red summer dress" (repeat for several)')
     s.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
     s.add_argument("--engine", choices=ENGINES, default="torch", help="engine that embeds query images: torch, openvino (CPU) or auto")

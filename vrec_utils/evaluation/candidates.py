@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..catalog import Catalog, Split
+from ..image_files import ImageSourceError, is_uri, read_bytes
 from ..store import Embeddings
 
 
@@ -25,16 +26,21 @@ def duplicate_keys(catalog: Catalog, ids: Sequence[str]) -> pd.Series:
         meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
         if {"id", "dup_group_first_id"} <= set(meta.columns):
             groups = dict(zip(meta["id"], meta["dup_group_first_id"]))
-    keys = []
-    for item_id in ids:
+    def key(item_id: str) -> str:
         if item_id in groups:
-            keys.append(f"meta:{groups[item_id]}")
-            continue
+            return f"meta:{groups[item_id]}"
         try:
-            keys.append("sha256:" + hashlib.sha256(Path(catalog.items.at[item_id, "image"]).read_bytes()).hexdigest())
-        except OSError:
-            keys.append(f"id:{item_id}")
-    return pd.Series(keys, index=list(ids), name="dup_key")
+            return "sha256:" + hashlib.sha256(read_bytes(catalog.items.at[item_id, "image"])).hexdigest()
+        except ImageSourceError:
+            return f"id:{item_id}"
+
+    ids = list(ids)
+    if any(is_uri(p) for p in catalog.items["image"].reindex(ids).astype(str)):
+        with ThreadPoolExecutor(max_workers=16) as pool:  # object storage: a round trip per image
+            keys = list(pool.map(key, ids))
+    else:
+        keys = [key(i) for i in ids]
+    return pd.Series(keys, index=ids, name="dup_key")
 
 
 def select_candidates(

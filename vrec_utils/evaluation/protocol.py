@@ -71,7 +71,7 @@ def evaluate(catalog: Catalog, embeddings: Mapping[str, Embeddings], config: Eva
         values=scoring.values,
         metrics=list(config.metrics),
         dims=scoring.dims,
-        config=config_record(config, catalog, embeddings, queries.relevance.description, notes),
+        config=config_record(config, catalog, embeddings, queries.relevance.description, notes, scoring.indexes),
         report=report,
         category_column=queries.category_column,
     )
@@ -131,11 +131,14 @@ class _Scoring:
     metadata: pd.DataFrame | None  # the filter column of the candidates
     values: dict[RowKey, dict[str, np.ndarray]] = field(default_factory=dict)
     dims: dict[RowKey, int] = field(default_factory=dict)
+    indexes: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> the index's settings (index backends)
 
     def score(self, name: str, settings: list[tuple[str, str | None]], variant: str, vectors: np.ndarray) -> None:
         """Retrieve with ``vectors`` and score each setting (setting name, filter column or None)."""
         config, q = self.config, self.queries
         retriever = Retriever(config.backend, variant, self.ids, vectors, self.metadata, config.index_options)
+        if retriever.index is not None:
+            self.indexes[variant] = {k: v for k, v in retriever.index.describe().items() if k not in ("model", "filter_columns")}
         for setting, column in settings:
             rel = q.relevance.grades(q.positions, retriever.search(q.positions, config.depth, column))
             self.values[(name, setting)] = compute_metrics(rel, list(config.metrics), ideal=q.ideal, n_relevant=q.n_relevant, gain=config.gain)
@@ -177,9 +180,11 @@ class _Scoring:
 
 
 def config_record(
-    config: EvalConfig, catalog: Catalog, embeddings: Mapping[str, Embeddings], relevance: str, notes: list[str]
+    config: EvalConfig, catalog: Catalog, embeddings: Mapping[str, Embeddings], relevance: str, notes: list[str],
+    indexes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The config as the result and its JSON record it (settings plus what they mean)."""
+    """The config as the result and its JSON record it (settings plus what they mean);
+    ``indexes``: the settings of the index that answered each model's queries (index backends)."""
     split = config.split
     return {
         "relevance": relevance,
@@ -198,7 +203,8 @@ def config_record(
         "seed": int(config.seed),
         "backend": config.backend,
         "index_options": dict(config.index_options),
-        "answered_by": answered_by(config),
+        "answered_by": answered_by(config, indexes),
+        "index_settings": {name: dict(settings) for name, settings in (indexes or {}).items()},
         "sample_queries": config.sample_queries,
         "catalog": catalog.name,
         # which weights made each model's numbers (a digest; "random-init" marks test-only models)
@@ -212,10 +218,19 @@ def config_record(
     }
 
 
-def answered_by(config: EvalConfig) -> str:
-    """Which index answered the queries, in words."""
+#: index settings worth naming in the one-line "answered by" (the rest are in index_settings)
+_NAMED_SETTINGS = ("ann", "factory", "nlist", "nprobe", "ef_search", "memory_budget", "index_type")
+
+
+def answered_by(config: EvalConfig, indexes: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """Which index answered the queries, in words: the settings asked for, or (given the built
+    ``indexes``' descriptions) those the first model's index was built and searched with."""
     if config.backend == MATRIX:
         return "exact similarity-matrix blocks (matrix backend)"
+    built = next(iter((indexes or {}).values()), None)
+    if built is not None:
+        named = {k: built[k] for k in _NAMED_SETTINGS if built.get(k) is not None}
+        return f"{config.backend} index (" + ", ".join(f"{k}={v}" for k, v in named.items()) + ")" if named else f"{config.backend} index"
     options = ", ".join(f"{k}={v}" for k, v in sorted(config.index_options.items()))
     return f"{config.backend} index" + (f" ({options})" if options else " (default settings)")
 

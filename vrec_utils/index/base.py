@@ -129,6 +129,8 @@ class VectorIndex(ABC):
     max_k: ClassVar[int | None] = None
     #: extra keyword arguments :meth:`search` accepts for this backend (validated by name)
     search_options: ClassVar[tuple[str, ...]] = ()
+    #: built once from every vector: a second :meth:`add` or a :meth:`delete` raises IndexBackendError
+    read_only: ClassVar[bool] = False
 
     def __init__(self, model: str, dim: int, filter_columns: Sequence[str] | None = None) -> None:
         if not isinstance(model, str) or not model:
@@ -519,7 +521,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 # ---------------------------------------------------------------------------------------- registry
 
 _BACKENDS: dict[str, type[VectorIndex]] = {}
-_BACKEND_MODULES = ("vrec_utils.index.faiss_index", "vrec_utils.index.elasticsearch")
+_BACKEND_MODULES = ("vrec_utils.index.faiss_index", "vrec_utils.index.elasticsearch", "vrec_utils.index.ivf_ondisk")
 
 
 def register_index(name: str) -> Callable[[type[VectorIndex]], type[VectorIndex]]:

@@ -13,6 +13,12 @@ byte per dimension, recall close to flat) when the codes fit the budget, else PQ
 bytes per vector that fit; ``nlist`` ~ 4 sqrt(n) lists (a power of two), with an HNSW coarse
 quantizer when the lists are many (a flat one scans every centroid per query).
 
+The registered index backend ``ivf-ondisk`` (:class:`IvfOnDiskIndex`, at the end of this module)
+puts this behind the one index interface: ``vrec index --backend ivf-ondisk --memory-budget 4G``
+builds it from the embedding cache (saved next to it, with the catalog's fingerprint and the
+model's identity; another catalog's index is rebuilt, never served), ``vrec search`` and
+``vrec evaluate --backend ivf-ondisk [--sample-queries N]`` search through it.
+
 Layout of an index folder::
 
     trained.index      the empty trained index (kept: more shards can be filled later)
@@ -21,14 +27,20 @@ Layout of an index folder::
     lists.ivfdata      the inverted lists (codes + int64 labels), memory-mapped
     ids.npy            label -> item id (labels are row numbers over all shards, in shard order)
     ondisk.json        plan, counts, build seconds
+    index.json, meta-N.npy   a saved ``ivf-ondisk`` backend: settings, provenance, filter labels
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -38,7 +50,9 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from .base import INDEX_CONFIG, IndexBackendError, VectorIndex, register_index
 from .exact import neighbour_recall
+from .faiss_index import _drop_excluded, _group_by_filter, omp_threads
 
 TRAINED = "trained.index"
 POPULATED = "populated.index"
@@ -79,7 +93,7 @@ def plan_ivf(n: int, dim: int, memory_budget: int, nlist: int | None = None, npr
     if nlist is None:
         nlist = max(1, min(n // 39 or 1, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))))  # >= 39 training points per list
     coarse = "hnsw32" if nlist >= HNSW_COARSE_FROM else "flat"
-    nprobe = nprobe or max(1, min(nlist, nlist // 16 or 1, 256))
+    nprobe = min(nprobe, nlist) if nprobe else max(1, min(nlist, nlist // 16 or 1, 256))
     candidates = [("SQ8", dim)] + [(f"PQ{m}", m) for m in sorted((m for m in range(1, dim + 1) if dim % m == 0 and m <= 128), reverse=True)]
     for code, nbytes in candidates:
         plan = IvfPlan(dim, nlist, code, coarse, nprobe, nbytes)
@@ -207,9 +221,16 @@ class OnDiskIvfIndex:
     def name(self) -> str:
         return f"on-disk {self.config['factory']} (nprobe {self.nprobe})"
 
-    def search_labels(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        params = faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
+    def search_labels(self, queries: np.ndarray, k: int, nprobe: int | None = None, selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, labels) of the ``k`` best; ``selector`` keeps only the labels it selects."""
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.nlist))
+        if selector is not None:
+            params.sel = selector
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+
+    @property
+    def nlist(self) -> int:
+        return int(self.config["plan"]["nlist"])
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids ``(n, k)`` str, '' where fewer than k found; scores ``(n, k)`` float32)."""
@@ -221,3 +242,191 @@ class OnDiskIvfIndex:
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean share of the exact top-k labels that ``found`` (same shape) also returned."""
     return float(neighbour_recall(found, exact).mean())
+
+
+# ================================================================================ the index backend
+DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of inverted lists (codes + labels); `vrec index --memory-budget`
+SHARD_ROWS = 250_000  # vectors per shard: one shard's float32 copy is at most ~1 GB at 1024-d
+TRAIN_PER_LIST = 64  # k-means training points per list (faiss warns under 39)
+TRAIN_MIN = 20_000  # PQ trains 256 centroids per sub-quantizer: a floor for small nlist
+
+
+@register_index("ivf-ondisk")
+class IvfOnDiskIndex(VectorIndex):
+    """On-disk IVF (SQ8 or PQ, sized by a memory budget), searched memory-mapped: caches over RAM.
+
+    Built once, from every vector at once (:meth:`add` on an empty index): trained on a seeded
+    sample, filled in shards of ``shard_rows`` (threads, or Ray tasks with ``parallel="ray"``),
+    merged on disk in ``directory`` (a temporary folder, removed with the index, when None).
+    Adding to or deleting from a built index is refused: rebuild it (``vrec index --rebuild``).
+
+    Filters run inside FAISS: an ``IDSelectorBitmap`` over the labels of the allowed items makes
+    the IVF scan skip the others, so the ``k`` results are the best allowed items of the probed
+    lists; a row that finds fewer than ``k`` there (a rare label) is searched again over every
+    list, so it gets ``k`` results whenever ``k`` allowed items exist. ``exclude_ids``: k + 1
+    results, the excluded one dropped. Scores are the codes' inner products (SQ8/PQ: approximate).
+    """
+
+    supports_filters = True
+    search_options = ("nprobe",)
+    read_only = True
+    SETTINGS = ("memory_budget", "nlist", "nprobe", "shard_rows", "workers", "parallel", "seed", "threads")
+    BUILD_SETTINGS = ("memory_budget", "nlist", "seed")
+
+    def __init__(
+        self, model: str, dim: int, filter_columns=None, *, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        nlist: int | None = None, nprobe: int | None = None, shard_rows: int = SHARD_ROWS, workers: int = 2,
+        parallel: str = "threads", seed: int = 0, threads: int | None = None, directory: str | os.PathLike | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(model, dim, filter_columns)
+        for name, value in (("memory_budget", memory_budget), ("shard_rows", shard_rows), ("workers", workers)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("nlist", nlist), ("nprobe", nprobe), ("threads", threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if parallel not in ("threads", "ray"):
+            raise ValueError(f"parallel must be 'threads' or 'ray', got {parallel!r}")
+        self.settings = {"memory_budget": int(memory_budget), "nlist": nlist, "nprobe": nprobe, "shard_rows": int(shard_rows),
+                         "workers": int(workers), "parallel": parallel, "seed": int(seed), "threads": threads}  # fmt: skip
+        self.directory = Path(directory) if directory is not None else None
+        self._ondisk: OnDiskIvfIndex | None = None
+        self._meta: dict[str, np.ndarray] = {}
+
+    # -- build -------------------------------------------------------------------------------------
+    def _add(self, ids: np.ndarray, vectors: np.ndarray, metadata: dict[str, np.ndarray]) -> None:
+        if self._ondisk is not None:
+            raise IndexBackendError(
+                f"the ivf-ondisk index of {self.model} is built once from every vector; adding items means "
+                "rebuilding it (vrec index --backend ivf-ondisk --rebuild)"
+            )
+        s = self.settings
+        plan = plan_ivf(len(ids), self.dim, s["memory_budget"], s["nlist"], s["nprobe"])
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="vrec-ivf-ondisk-"))
+            weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        rows = min(len(ids), max(TRAIN_MIN, TRAIN_PER_LIST * plan.nlist))
+        picked = np.sort(np.random.default_rng(s["seed"]).choice(len(ids), rows, replace=False))
+        step = s["shard_rows"]
+        shards = ((ids[b : b + step], vectors[b : b + step]) for b in range(0, len(ids), step))
+        with omp_threads(s["threads"]):
+            self._ondisk = build(plan, shards, self.directory, sample=np.asarray(vectors[picked]), parallel=s["parallel"], workers=s["workers"], seed=s["seed"])
+        self._meta = {c: np.asarray(metadata[c], dtype=str) for c in self.filter_columns}
+
+    def _delete(self, ids: np.ndarray) -> None:
+        raise IndexBackendError(f"the ivf-ondisk index of {self.model} is read-only once built; rebuild it without those items")
+
+    def _count(self) -> int:
+        return 0 if self._ondisk is None else len(self._ondisk)
+
+    # -- search ------------------------------------------------------------------------------------
+    def _search(self, queries, k, filters, exclude_ids, *, nprobe=None):
+        n = len(queries)
+        kk = k + (1 if exclude_ids is not None else 0)
+        labels = np.full((n, kk), -1, dtype=np.int64)
+        scores = np.full((n, kk), -np.inf, dtype=np.float32)
+        if self._ondisk is not None:
+            with omp_threads(self.settings["threads"]):
+                for flt, rows in _group_by_filter(filters, n):
+                    scores[rows], labels[rows] = self._search_group(queries[rows], kk, flt, nprobe)
+        ids = np.where(labels >= 0, np.asarray(self._ondisk.ids)[np.maximum(labels, 0)] if self._ondisk is not None else "", "")
+        scores[labels < 0] = -np.inf
+        if exclude_ids is not None:
+            ids, scores = _drop_excluded(ids, scores, exclude_ids, k)
+        return ids, scores
+
+    def _search_group(self, q, kk, flt, nprobe):
+        ondisk, selector, bits = self._ondisk, None, None
+        available = len(ondisk)
+        if flt is not None:
+            mask = np.ones(available, dtype=bool)
+            for column, value in flt.items():
+                mask &= self._meta[column] == value
+            available = int(mask.sum())
+            if available == 0:
+                return np.full((len(q), kk), -np.inf, np.float32), np.full((len(q), kk), -1, np.int64)
+            bits = np.packbits(mask, bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+        d, i = ondisk.search_labels(q, kk, nprobe, selector)
+        short = (i >= 0).sum(axis=1) < min(kk, available)
+        if short.any():  # too few (allowed) items in the probed lists: probe every list
+            d[short], i[short] = ondisk.search_labels(q[short], kk, ondisk.nlist, selector)
+        del selector, bits
+        return d, i
+
+    # -- persistence -------------------------------------------------------------------------------
+    def _save(self, directory: Path) -> dict:
+        if self._ondisk is None:
+            raise IndexBackendError("an empty ivf-ondisk index has nothing to save; add the vectors first")
+        for name in (TRAINED, POPULATED, IVFDATA, IDS, CONFIG):
+            _link_or_copy(self.directory / name, directory / name)  # a hard link: lists.ivfdata may be GBs
+        for n, column in enumerate(self.filter_columns):
+            np.save(directory / f"meta-{n}.npy", self._meta[column], allow_pickle=False)
+        settings = {k: v for k, v in self.settings.items() if k != "threads"}
+        return {"settings": settings, "count": len(self), "ondisk": self._ondisk.config}
+
+    @classmethod
+    def _load(cls, directory: Path, config: dict, **options) -> IvfOnDiskIndex:
+        unknown = sorted(set(options) - {"nprobe", "threads"})
+        if unknown:
+            raise ValueError(f"a saved ivf-ondisk index takes only search settings (nprobe, threads) when loaded, not {', '.join(unknown)}; rebuild to change the others")
+        settings = {**config["settings"], **{k: v for k, v in options.items() if v is not None}}
+        index = cls(config["model"], int(config["dim"]), filter_columns=config["filter_columns"], directory=directory, **settings)
+        index._ondisk = OnDiskIvfIndex.open(directory)
+        if index.settings["nprobe"]:
+            index._ondisk.nprobe = min(int(index.settings["nprobe"]), index._ondisk.nlist)
+        if index._ondisk.index.d != index.dim:
+            raise ValueError(f"{directory}: the index holds {index._ondisk.index.d}-d vectors, index.json says {index.dim}")
+        index._meta = {c: np.load(directory / f"meta-{n}.npy", allow_pickle=False) for n, c in enumerate(index.filter_columns)}
+        return index
+
+    def _describe(self) -> dict:
+        out = {"memory_budget": self.settings["memory_budget"]}
+        if self._ondisk is not None:
+            plan = self._ondisk.config["plan"]
+            out.update(factory=self._ondisk.config["factory"], nlist=plan["nlist"], nprobe=self._ondisk.nprobe,
+                       code=plan["code"], coarse=plan["coarse"], lists_bytes=IvfPlan(**plan).index_bytes(len(self)),
+                       build_seconds=self._ondisk.config.get("build_seconds"))  # fmt: skip
+        return out
+
+    # -- build_index support -----------------------------------------------------------------------
+    @classmethod
+    def _from_embeddings(cls, embeddings, metadata, *, cache_dir: Path, key: str, rebuild: bool, catalog=None, **config):
+        """Saved next to the embedding cache, named by the catalog's fingerprint and the build
+        settings; reused only while its fingerprint (model identity, ids, vectors, labels) is the
+        embeddings' own: an index of another catalog or model is rebuilt, never served."""
+        probe = cls(embeddings.model, embeddings.dim, filter_columns=list(metadata.columns), **config)
+        scope = catalog.fingerprint() if catalog is not None else ""
+        build_key = json.dumps({k: probe.settings[k] for k in cls.BUILD_SETTINGS}, sort_keys=True)
+        digest = hashlib.sha256((scope + build_key + ",".join(metadata.columns)).encode()).hexdigest()[:10]
+        directory = Path(cache_dir) / f"index-ivf-ondisk-{digest}"
+        search = {k: config[k] for k in ("nprobe", "threads") if config.get(k) is not None}
+        if not rebuild and (directory / INDEX_CONFIG).is_file():
+            try:
+                saved = json.loads((directory / INDEX_CONFIG).read_text())
+                if saved.get("info", {}).get("fingerprint") == key and saved.get("info", {}).get("catalog") == scope:
+                    index = cls.load(directory, **search)
+                    index.info["reused"] = True
+                    return index
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                warnings.warn(f"rebuilding the index in {directory}: the saved one cannot be read ({exc})", stacklevel=3)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        workspace = Path(tempfile.mkdtemp(prefix=".ivf-build-", dir=cache_dir))  # same disk as the index: hard links
+        try:
+            building = cls(embeddings.model, embeddings.dim, filter_columns=list(metadata.columns), directory=workspace, **config)
+            building.add(embeddings.ids, embeddings.vectors, metadata)
+            building.info = {"fingerprint": key, "catalog": scope, "model": embeddings.model,
+                             "identity": embeddings.manifest.get("identity"), "path": str(directory)}  # fmt: skip
+            building.save(directory)
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+        index = cls.load(directory, **search)
+        index.info["reused"] = False
+        return index
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

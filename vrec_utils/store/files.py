@@ -23,6 +23,8 @@ from typing import BinaryIO
 import numpy as np
 from filelock import FileLock, Timeout
 
+from .. import image_files
+
 MANIFEST = "manifest.json"
 STORE_JSON = "store.json"
 COMMIT = "commit.json"
@@ -98,22 +100,30 @@ class FileDigests:
             _note(f"{self.path}: unreadable ({type(exc).__name__}); image files will be hashed again")
 
     def digest(self, path: str) -> str | None:
-        """The file's digest, or None when it cannot be read (extraction reports why)."""
-        try:
-            stat = os.stat(path)
-        except OSError:
+        """The file's digest, or None when it cannot be read (extraction reports why). ``path``
+        may be an image URI (s3://, gs://, file://): then the memo is keyed by the object's size
+        and ETag/generation/mtime (one metadata request per object on a rerun)."""
+        stamp = image_files.version(path)
+        if stamp is None:
             return None
         known = self.memo.get(path)
-        if known is not None and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+        if known is not None and (known[0], known[1]) == stamp:
             return known[2]
         try:
-            with open(path, "rb") as handle:
-                value = content_digest(handle.read())
-        except OSError:
+            value = content_digest(image_files.read_bytes(path))
+        except image_files.ImageSourceError:
             return None
-        self.memo[path] = (stat.st_size, stat.st_mtime_ns, value)
+        self.memo[path] = (stamp[0], stamp[1], value)
         self.changed = True
         return value
+
+    def digests(self, paths: list[str], threads: int = 16) -> list[str | None]:
+        """:meth:`digest` of each path; image URIs are digested in ``threads`` threads (each
+        object costs a network round trip or two, local files a stat)."""
+        if not any(image_files.is_uri(p) for p in paths):
+            return [self.digest(p) for p in paths]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(self.digest, paths))
 
     def save(self) -> None:
         """Persist new digests (merged with what another process saved); skipped while another

@@ -89,7 +89,7 @@ def catalog_keys(workdir: str | os.PathLike, catalog: Catalog, modality: str = "
         texts = catalog.items[source_column or "title"].astype(str).str.strip()
         return pd.Series([text_digest(t) if t else "" for t in texts], index=catalog.items.index, dtype=object)
     memo = FileDigests(workdir)
-    values = [memo.digest(str(p)) or "" for p in catalog.items["image"].tolist()]
+    values = [d or "" for d in memo.digests([str(p) for p in catalog.items["image"].tolist()])]
     memo.save()
     return pd.Series(values, index=catalog.items.index, dtype=object)
 
