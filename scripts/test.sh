@@ -4,6 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+# The S3 tests (tests/test_image_uris.py) need a local S3 emulator. moto pins botocore versions that
+# conflict with vrec's own pins, so it lives in a venv of its own, used only as a server process.
+if [ -z "${VREC_TEST_MOTO_SERVER:-}" ]; then
+  if [ ! -x .venv-moto/bin/moto_server ]; then
+    python3 -m venv .venv-moto
+    .venv-moto/bin/python -m pip install --quiet 'moto[server]==5.2.5' 2>&1 | { grep -v "^WARNING: Location" || true; }
+  fi
+  export VREC_TEST_MOTO_SERVER=$PWD/.venv-moto/bin/moto_server
+fi
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
