@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from ..evaluation.relevance import interaction_queries
+from ..evaluation.relevance import interaction_relevance, read_interactions
 from .data import DecisionData
 
 
-def interaction_quality(data: DecisionData, interactions: str | os.PathLike | pd.DataFrame, metric: str = "ndcg@5") -> tuple[pd.DataFrame, str]:
-    """The paired comparison (second model - first) of ``metric`` against the log, as one row like
-    the label row of the ``quality`` table (with ``relevance`` saying where it comes from), and a
-    one-line note on the log's usable rows."""
-    relevance, query_pos, report = interaction_queries(interactions, pd.Index(data.ids), data.catalog.items.index)
-    if not len(query_pos):
-        raise ValueError("the interaction log has no query among the evaluated items with a relevant candidate")
+def read_log(interactions: str | os.PathLike | pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The validated log and its name (read before any work, so a bad file fails first)."""
+    name = "interactions frame" if isinstance(interactions, pd.DataFrame) else Path(interactions).name
+    return read_interactions(interactions), name
+
+
+def interaction_quality(data: DecisionData, log: pd.DataFrame, source: str = "interactions", metric: str = "ndcg@5") -> tuple[pd.DataFrame, str]:
+    """The paired comparison (second model - first) of ``metric`` against ``log`` (from
+    :func:`read_log`), as one row like the label row of the ``quality`` table (``relevance`` says
+    where it comes from), and a one-line note on the log's usable rows."""
+    relevance, report = interaction_relevance(log, pd.Index(data.ids), data.catalog.items.index, source)
+    query_pos = np.flatnonzero(np.diff(relevance.matrix.indptr) > 0)
     view = dataclasses.replace(data, relevance=relevance, query_pos=query_pos)
     a, b = data.models[0], data.models[1]
     values = {(m, "float32"): view.score(view.search(view.vectors[m], view.vectors[m])) for m in (a, b)}
@@ -40,4 +47,4 @@ def interaction_quality(data: DecisionData, interactions: str | os.PathLike | pd
     return row, note
 
 
-__all__ = ["interaction_quality"]
+__all__ = ["interaction_quality", "read_log"]

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..catalog import Catalog, Split
 from ..images import load_rgb
+from ..index.es_requests import INDEX_TYPES, SERVER_DEFAULT
 from ..store import Embeddings, load_embeddings
 from .categories import CORRECTIONS, category_table
 from .compression import (
@@ -38,7 +39,7 @@ from .fidelity import (
     ranking_survival,
 )
 from .filtering import filter_contrast, filter_rows, filter_table
-from .interactions import interaction_quality
+from .interactions import interaction_quality, read_log
 from .power import ABPlan, ab_plan_table, offline_scenarios
 from .protocols import protocol_table
 from .verdict import verdict_lines
@@ -78,6 +79,9 @@ class DecisionParams:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {self.correction!r}")
         if self.elasticsearch not in ("auto", "on", "off"):
             raise ValueError(f"elasticsearch must be auto, on or off, got {self.elasticsearch!r}")
+        unknown = [t for t in self.es_index_types if t not in INDEX_TYPES + (SERVER_DEFAULT,)]
+        if unknown:
+            raise ValueError(f"es_index_types: unknown {', '.join(unknown)}; known: {', '.join(INDEX_TYPES + (SERVER_DEFAULT,))}")
 
     @property
     def measure_es(self) -> bool:
@@ -127,6 +131,7 @@ def run_decision(
     ``quality`` table and the verdict."""
     params = params or DecisionParams()
     say = progress or (lambda _: None)
+    log = read_log(interactions) if interactions is not None else None  # a bad log fails before any work
     if embeddings is None:
         if workdir is None or not models:
             raise ValueError("give embeddings, or a workdir and models")
@@ -146,8 +151,8 @@ def run_decision(
         return out
 
     timed("1 frontier", lambda: _frontier(data, params, throughput, tables, notes))
-    if interactions is not None and len(data.models) > 1:
-        row, note = timed("7 interactions", lambda: interaction_quality(data, interactions))
+    if log is not None and len(data.models) > 1:
+        row, note = timed("7 interactions", lambda: interaction_quality(data, *log))
         tables["quality"] = pd.concat([tables["quality"], row], ignore_index=True)
         notes.append(note)
     timed("2 fidelity", lambda: _fidelity(data, params, tables))
