@@ -81,6 +81,8 @@ class FakeElasticsearch:
             return 404, {"error": {"type": "index_not_found_exception", "reason": f"no such index [{name}]"}, "status": 404}
         index = self.indices[name]
         action = parts[1]
+        if action == "_mapping" and method == "GET" and len(parts) == 4 and parts[2] == "field":
+            return 200, self._field_mapping(name, parts[3], params.get("include_defaults") == "true")
         if action == "_mapping" and method == "GET":
             return 200, {name: {"mappings": index["mappings"]}}
         if action == "_mapping" and method == "PUT":
@@ -96,6 +98,16 @@ class FakeElasticsearch:
             hits = [{"_index": name, "_id": i, "_score": 0.0} for i in self._matching(index, body["query"])]
             return 200, {"hits": {"hits": hits[: body.get("size", 10)]}}
         return 400, {"error": {"type": "unsupported", "reason": f"fake ES does not do {method} {path}"}}
+
+    def _field_mapping(self, name, field, include_defaults):
+        """GET <index>/_mapping/field/<field>; with include_defaults, a vector field without
+        index_options gets 9.1's default (bbq_hnsw from 384 dims, rescored x3; else int8_hnsw)."""
+        spec = json.loads(json.dumps(self.indices[name]["mappings"]["properties"][field]))
+        if include_defaults and spec.get("type") == "dense_vector" and "index_options" not in spec:
+            big = spec["dims"] >= 384
+            spec["index_options"] = {"type": "bbq_hnsw" if big else "int8_hnsw", "m": 16, "ef_construction": 100,
+                                     **({"rescore_vector": {"oversample": 3.0}} if big else {})}
+        return {name: {"mappings": {field: {"full_name": field, "mapping": {field: spec}}}}}
 
     # -- semantics ---------------------------------------------------------------------------
     def _matching(self, index, query):
@@ -160,7 +172,7 @@ class FakeElasticsearch:
                 candidates.append(((1.0 + cosine) / 2.0, doc_id))
             candidates.sort(key=lambda t: (-t[0], t[1]))
             hits = [{"_id": d, "_score": s} for s, d in candidates[: knn["k"]]][: body.get("size", 10)]
-            responses.append({"hits": {"hits": hits}, "status": 200})
+            responses.append({"took": 1, "hits": {"hits": hits}, "status": 200})
         return {"took": 1, "responses": responses}
 
 

@@ -337,9 +337,14 @@ def test_vrec_decide_writes_tables_figure_and_verdict(small_catalog, tmp_path, c
     plan = pd.read_csv(out / "tables" / "decision_ab_plan.csv").set_index("quantity")
     assert float(plan.loc["daily_traffic", "value"]) == 5000
     assert f"{int(float(plan.loc['days', 'value']))} days at 5,000 users/day" in printed
-    assert "Quality: vlm-b is better than cnn-a" in printed
+    assert "say vlm-b is better than cnn-a" in printed and "no interaction log was given" in printed
     assert main(["decide", "--catalog", str(csv), "--workdir", str(workdir), "--models", "cnn-a,nope", "--out", str(out)]) == 2
     assert "vrec extract" in capsys.readouterr().err
+    missing = tmp_path / "no-such-log.csv"
+    assert main(["decide", "--catalog", str(csv), "--workdir", str(workdir), "--models", "cnn-a,vlm-b", "--out", str(out),
+                 "--time-embedding", "0", "--interactions", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-log.csv" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -378,3 +383,46 @@ def test_frontier_figure_marks_the_front_and_the_mercari_point():
     assert any("Mercari baseline" in t for t in texts) and "int8" in texts
     with pytest.raises(ValueError, match="needs column"):
         quality_cost_frontier(frame.drop(columns=["pareto"]))
+
+
+# ------------------------------------------------------------------- interactions in the verdict
+
+
+def _top(vectors: np.ndarray, q: int, n: int) -> np.ndarray:
+    sims = vectors @ vectors[q]
+    sims[q] = -np.inf  # the query is never its own result
+    return np.argsort(-sims, kind="stable")[:n]
+
+
+def test_interactions_verdict_on_a_hand_made_log(small_catalog, pair, tmp_path):
+    """Users clicked exactly the CNN's three nearest items for 20 queries: against that log the CNN
+    scores nDCG@5 = 1 on every query, the VLM what a direct computation gives, and the verdict says
+    what labels and interactions each say."""
+    data = decision_data(small_catalog, pair, n_bootstrap=50, n_permutations=50)
+    cnn, vlm = data.vectors["cnn"], data.vectors["vlm"]
+    queries = np.arange(0, len(data.ids), 10)[:20]
+    rows = [(data.ids[q], data.ids[j]) for q in queries for j in _top(cnn, q, 3)]
+    log = tmp_path / "clicks.csv"
+    pd.DataFrame(rows + [("no-such-item", data.ids[0])], columns=["query_id", "item_id"]).to_csv(log, index=False)
+    discount = 1 / np.log2(np.arange(2, 7))
+    expected = [sum(discount[r] for r, j in enumerate(_top(vlm, q, 5)) if j in set(_top(cnn, q, 3))) / discount[:3].sum() for q in queries]
+
+    report = run_decision(small_catalog, pair, params=dataclasses.replace(FAST, elasticsearch="off"), interactions=log)
+    quality = report.tables["quality"]
+    assert quality["relevance"].str.startswith(("labels", "interactions")).tolist() == [True, True]
+    logged = quality.iloc[1]
+    assert logged["n_queries"] == 20 and logged["mean_a"] == pytest.approx(1.0)
+    assert logged["mean_b"] == pytest.approx(np.mean(expected), abs=1e-12)
+    assert logged["diff"] == pytest.approx(np.mean(expected) - 1.0, abs=1e-12) and logged["diff_ci_high"] < 0
+    labels_say = "better than" if quality.iloc[0]["diff_ci_low"] > 0 else "worse than" if quality.iloc[0]["diff_ci_high"] < 0 else "not distinguishable from"
+    first = report.verdict[0]
+    assert f"labels (same articleType, {data.n_queries} queries) say vlm is {labels_say} cnn" in first
+    assert "interactions (20 logged queries, graded by weight) say it is worse than it" in first
+    assert ("the two agree" in first) == (labels_say == "worse than")
+    assert any("60 of 61 rows used" in n and "1 with ids not in the catalog" in n for n in report.notes)
+
+
+def test_without_interactions_the_verdict_says_so_in_one_line(small_catalog, pair):
+    report = run_decision(small_catalog, pair, params=dataclasses.replace(FAST, pca_dims=(), quantisers=(), hnsw_ef=(), elasticsearch="off"))
+    assert len(report.tables["quality"]) == 1
+    assert "no interaction log was given" in report.verdict[0] and "\n" not in report.verdict[0]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..catalog import load_catalog
 from ..decision.categories import CORRECTIONS
+from ..decision.es_server import ES_INDEX_TYPES, ES_NUM_CANDIDATES, ES_QUERIES
 from ..decision.fidelity import HNSW_EF, IVF_NPROBE
 from ..decision.power import ABPlan
 from ..decision.run import DecisionParams, embedding_throughput, run_decision
@@ -41,6 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queries", type=positive_int, default=None, help="a seeded subset of the queries (default: all)")
     p.add_argument("--hnsw-ef", default=",".join(map(str, HNSW_EF)), help="HNSW ef_search values to sweep (empty: none)")
     p.add_argument("--nprobe", default=",".join(map(str, IVF_NPROBE)), help="IVF nprobe values to sweep (empty: none)")
+    p.add_argument("--interactions", default=None, metavar="CSV",
+                   help="an interaction log (query_id,item_id[,weight]): its paired nDCG@5 difference joins the label one in the verdict")
+    p.add_argument("--es", choices=("auto", "on", "off"), default="auto",
+                   help="measure Elasticsearch on the server (auto: when VREC_ES_URL is set; off: emulate only)")
+    p.add_argument("--es-types", default=",".join(ES_INDEX_TYPES), help="index_options types to measure ('default': left to the server)")
+    p.add_argument("--es-num-candidates", default=",".join(map(str, ES_NUM_CANDIDATES)), help="num_candidates values to sweep")
+    p.add_argument("--es-queries", type=positive_int, default=ES_QUERIES, help=f"a seeded subset of queries sent to the server (default {ES_QUERIES})")
+    p.add_argument("--es-keep", action="store_true", help="keep the report's indexes (vrec-decision-*) for the next run instead of deleting them")
     p.add_argument("--correction", choices=tuple(CORRECTIONS), default="holm", help="per-category multiple-comparison control")
     p.add_argument("--baseline-rate", type=float, default=ABPlan.baseline_rate, help="A/B: current click-through rate (default 0.05)")
     p.add_argument("--daily-traffic", type=positive_int, default=ABPlan.daily_traffic, help="A/B: users per day (default 10000)")
@@ -62,19 +71,23 @@ def run(args: argparse.Namespace) -> int:
     models = split_list(args.models)
     if not models:
         raise UserError("--models needs at least one model name")
+    if args.interactions and not Path(args.interactions).is_file():
+        raise UserError(f"--interactions: file {args.interactions!r} does not exist")
     try:
         plan = ABPlan(baseline_rate=args.baseline_rate, daily_traffic=args.daily_traffic, mde_relative=args.mde, alpha=args.alpha,
                       power=args.power, traffic_share=args.traffic_share)
     except ValueError as exc:
         raise UserError(f"A/B plan: {exc}") from None
     params = DecisionParams(label=args.label, hnsw_ef=tuple(positive_int_list(args.hnsw_ef, "--hnsw-ef")), ivf_nprobe=tuple(positive_int_list(args.nprobe, "--nprobe")), category_column=args.category_column, max_queries=args.max_queries, seed=args.seed,
-                            n_bootstrap=args.n_bootstrap, correction=args.correction, ab=plan)
+                            n_bootstrap=args.n_bootstrap, correction=args.correction, ab=plan, elasticsearch=args.es,
+                            es_index_types=tuple(split_list(args.es_types)), es_num_candidates=tuple(positive_int_list(args.es_num_candidates, "--es-num-candidates")),
+                            es_queries=args.es_queries, es_keep=args.es_keep)
     embeddings = {m: load_embeddings(args.workdir, catalog, m) for m in models}  # a missing cache: the command that makes it, first
     embedders = {m: create_embedder(m, device=args.device) for m in models} if args.time_embedding > 0 or args.text else {}
     throughput = {m: embedding_throughput(e, catalog, args.time_embedding, args.seed) for m, e in embedders.items()} if args.time_embedding > 0 else None
     text = {m: e.embed_texts for m, e in embedders.items() if args.text and e.has_text}
     report = run_decision(catalog, embeddings, params=params, throughput=throughput, text_encoders=text,
-                          tables_dir=Path(args.out) / "tables", progress=print)
+                          tables_dir=Path(args.out) / "tables", progress=print, interactions=args.interactions)
     figure = save_figure(quality_cost_frontier(report.tables["frontier"]), "decision_frontier", Path(args.out) / "figures")
     print()
     print("\n\n".join(line.replace("**", "") for line in report.verdict))

@@ -10,12 +10,15 @@ Map (each module imports only those above it; all sit above :mod:`vrec_utils.eva
   variants, bytes per item, latency, the Pareto front.
 * ``fidelity`` (part 2): HNSW ``ef_search`` and IVF ``nprobe`` sweeps through the FAISS backend,
   filtered and not, recall@k against exact, Elasticsearch 9.1+'s default quantisation emulated.
+* ``es_server`` (part 2, measured): with a server (VREC_ES_URL), each model indexed as hnsw /
+  int8_hnsw / bbq_hnsw / the server's default, ``num_candidates`` swept, beside the emulated rows.
 * ``filtering`` (part 3): the share of recommendations outside the query's category, and what
   the filter adds, with paired CIs.
 * ``categories`` (part 4): per-category paired differences, Holm or Benjamini-Hochberg.
 * ``power`` (part 5): A/B sample size and days (statsmodels), every assumption returned.
 * ``protocols`` (part 6): Marqo's KAGL text-to-image and category-to-product, MIEB-style
   image-to-image Recall@1.
+* ``interactions`` (part 7): the paired nDCG@5 difference against an interaction log.
 * ``verdict`` (part 7): the sentences, computed from the tables.
 * ``run``: :func:`run_decision`, all of it in one call (the notebook ``08_decision`` and
   ``vrec decide``).

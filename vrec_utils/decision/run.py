@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..catalog import Catalog, Split
 from ..images import load_rgb
+from ..index.es_requests import INDEX_TYPES, SERVER_DEFAULT
 from ..store import Embeddings, load_embeddings
 from .categories import CORRECTIONS, category_table
 from .compression import (
@@ -29,6 +30,7 @@ from .compression import (
     model_variants,
 )
 from .data import DecisionData, decision_data
+from .es_server import ES_INDEX_TYPES, ES_NUM_CANDIDATES, ES_QUERIES, sampled, server_rows, server_table
 from .fidelity import (
     HNSW_EF,
     IVF_NPROBE,
@@ -37,6 +39,7 @@ from .fidelity import (
     ranking_survival,
 )
 from .filtering import filter_contrast, filter_rows, filter_table
+from .interactions import interaction_quality, read_log
 from .power import ABPlan, ab_plan_table, offline_scenarios
 from .protocols import protocol_table
 from .verdict import verdict_lines
@@ -63,10 +66,26 @@ class DecisionParams:
     alpha: float = 0.05
     min_category_queries: int = 5
     ab: ABPlan = field(default_factory=ABPlan)
+    # Elasticsearch measured on a server (part 2): "auto" when VREC_ES_URL is set, "on" (the
+    # server of VREC_ES_* / localhost:9200 must answer), "off" (the es-default rows stay emulated)
+    elasticsearch: str = "auto"
+    es_index_types: Sequence[str] = ES_INDEX_TYPES  # "default": the mapping left to the server
+    es_num_candidates: Sequence[int] = ES_NUM_CANDIDATES
+    es_queries: int | None = ES_QUERIES  # a seeded subset of the queries sent to the server (None: all)
+    es_keep: bool = False  # keep the report's indexes (reused by the next run while their content matches)
 
     def __post_init__(self) -> None:
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {self.correction!r}")
+        if self.elasticsearch not in ("auto", "on", "off"):
+            raise ValueError(f"elasticsearch must be auto, on or off, got {self.elasticsearch!r}")
+        unknown = [t for t in self.es_index_types if t not in INDEX_TYPES + (SERVER_DEFAULT,)]
+        if unknown:
+            raise ValueError(f"es_index_types: unknown {', '.join(unknown)}; known: {', '.join(INDEX_TYPES + (SERVER_DEFAULT,))}")
+
+    @property
+    def measure_es(self) -> bool:
+        return self.elasticsearch == "on" or (self.elasticsearch == "auto" and bool(os.environ.get("VREC_ES_URL", "").strip()))
 
 
 @dataclass
@@ -98,14 +117,21 @@ def run_decision(
     text_encoders: Mapping[str, Callable[[list[str]], np.ndarray]] | None = None,
     tables_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    es_client: Any = None,
+    interactions: str | os.PathLike | pd.DataFrame | None = None,
 ) -> DecisionReport:
     """The decision report for ``embeddings`` (or the cached ones of ``models`` in ``workdir``;
     a model without a cache raises EmbeddingsNotFoundError naming the command that makes it).
     The first model is the baseline (the CNN), the second the candidate (the VLM).
     ``throughput``: images/s per model (e.g. from ``RunContext.extract``); ``text_encoders``:
-    per model with a text tower, texts -> unit vectors (part 6's text protocols)."""
+    per model with a text tower, texts -> unit vectors (part 6's text protocols). Elasticsearch is
+    measured as ``params.elasticsearch`` says, on the server of the ``VREC_ES_*`` settings (or
+    ``es_client``, an ``elasticsearch.Elasticsearch`` client). ``interactions``: a log
+    (``query_id,item_id[,weight]``) whose paired nDCG@5 difference joins the label one in the
+    ``quality`` table and the verdict."""
     params = params or DecisionParams()
     say = progress or (lambda _: None)
+    log = read_log(interactions) if interactions is not None else None  # a bad log fails before any work
     if embeddings is None:
         if workdir is None or not models:
             raise ValueError("give embeddings, or a workdir and models")
@@ -125,9 +151,15 @@ def run_decision(
         return out
 
     timed("1 frontier", lambda: _frontier(data, params, throughput, tables, notes))
+    if log is not None and len(data.models) > 1:
+        row, note = timed("7 interactions", lambda: interaction_quality(data, *log))
+        tables["quality"] = pd.concat([tables["quality"], row], ignore_index=True)
+        notes.append(note)
     timed("2 fidelity", lambda: _fidelity(data, params, tables))
-    if os.environ.get("VREC_ES_URL", "").strip():
-        notes.append("VREC_ES_URL is set, but measuring on the server is not implemented yet: the es-default rows are emulated")
+    if params.measure_es:
+        timed("2 elasticsearch", lambda: _elasticsearch(data, params, tables, es_client))
+    else:
+        notes.append("Elasticsearch's default quantisation is emulated, not measured (set VREC_ES_URL to measure it on a server)")
     if data.category_column is not None:
         filter_result = timed("3 filter", lambda: _filter(data, tables))
         timed("4 categories", lambda: _categories(data, params, tables, filter_result))
@@ -162,6 +194,7 @@ def _frontier(data: DecisionData, params: DecisionParams, throughput, tables: di
         a, b = data.models[0], data.models[1]
         quality = result.compare((a, "float32"), (b, "float32"), ["ndcg@5"])
         quality["model_a"], quality["model_b"] = data.labels[a], data.labels[b]
+        quality["relevance"] = data.relevance.description
         tables["quality"] = quality
 
 
@@ -172,6 +205,19 @@ def _fidelity(data: DecisionData, params: DecisionParams, tables: dict) -> None:
     pairs = ranking_survival(data, result)
     if len(pairs):
         tables["fidelity_pairs"] = pairs
+
+
+def _elasticsearch(data: DecisionData, params: DecisionParams, tables: dict, client) -> None:
+    sample = sampled(data, params.es_queries)
+    values, dims, records = server_rows(sample, params.es_index_types, params.es_num_candidates, client=client, keep=params.es_keep)
+    result = sample.result(values, dims)
+    tables["es"] = server_table(sample, records, result, data.n_queries)
+    pairs = ranking_survival(sample, result)
+    if len(pairs):
+        source = dict(zip(tables["es"]["setting"], tables["es"]["source"]))
+        pairs.insert(1, "source", pairs["setting"].map(source))
+        pairs["queries"] = tables["es"]["queries"].iloc[0]
+        tables["es_pairs"] = pairs
 
 
 def _filter(data: DecisionData, tables: dict):

@@ -26,13 +26,23 @@ def _ci(row, low: str, high: str) -> str:
     return f"95% CI {_f(row[low], sign=True)} to {_f(row[high], sign=True)}"
 
 
-def quality_sentence(comparison: pd.Series, label: str, n_queries: int) -> str:
+def _better(r) -> str:
+    return "better than" if r["diff_ci_low"] > 0 else "worse than" if r["diff_ci_high"] < 0 else "not distinguishable from"
+
+
+def quality_sentence(comparison: pd.Series, label: str, n_queries: int, interactions: pd.Series | None = None) -> str:
+    """What labels say (``comparison``) and, when a log was given, what interactions say."""
     r = comparison
-    verdict = "better than" if r["diff_ci_low"] > 0 else "worse than" if r["diff_ci_high"] < 0 else "not distinguishable from"
-    return (f"**Quality:** {r['model_b']} is {verdict} {r['model_a']} on nDCG@5 ({_f(r['mean_b'])} vs {_f(r['mean_a'])}, "
-            f"difference {_f(r['diff'], sign=True)}, {_ci(r, 'diff_ci_low', 'diff_ci_high')}, {_p(r['p_value'])}; "
-            f"{_f(r['rel_improvement_pct'], 1, sign=True)}% relative) over {n_queries} queries, relevance = same {label}. "
-            "[decision_quality.csv]")
+    text = (f"**Quality:** labels (same {label}, {n_queries} queries) say {r['model_b']} is {_better(r)} {r['model_a']} on nDCG@5 "
+            f"({_f(r['mean_b'])} vs {_f(r['mean_a'])}, difference {_f(r['diff'], sign=True)}, {_ci(r, 'diff_ci_low', 'diff_ci_high')}, "
+            f"{_p(r['p_value'])}; {_f(r['rel_improvement_pct'], 1, sign=True)}% relative)")
+    if interactions is None:
+        return text + "; no interaction log was given, so users' behaviour is not in this verdict (--interactions). [decision_quality.csv]"
+    i = interactions
+    text += (f"; interactions ({int(i['n_queries'])} logged queries, graded by weight) say it is {_better(i)} it "
+             f"({_f(i['mean_b'])} vs {_f(i['mean_a'])}, difference {_f(i['diff'], sign=True)}, {_ci(i, 'diff_ci_low', 'diff_ci_high')}, {_p(i['p_value'])})")
+    agree = _better(r) == _better(i)
+    return text + (": the two agree." if agree else ": they disagree, and the A/B test is what settles it.") + " [decision_quality.csv]"
 
 
 def cost_sentence(frontier: pd.DataFrame, a: str, b: str) -> str:
@@ -73,6 +83,38 @@ def serving_sentence(survival: pd.DataFrame) -> str:
     if lost:
         text += f"; not in: {', '.join(lost[:6])}{' ...' if len(lost) > 6 else ''}"
     return text + ". [decision_fidelity_pairs.csv]"
+
+
+def server_sentence(table: pd.DataFrame, pairs: pd.DataFrame, num_candidates: int = 100) -> str:
+    """The measured Elasticsearch rows: recall and the paired difference under the server's default
+    mapping at ``num_candidates`` (the largest swept value up to it), and in how many server
+    settings the exact-search conclusion (on the same queries) holds."""
+    measured = table[table["source"].str.startswith("measured")]
+    if measured.empty or pairs.empty:
+        return ""
+    default = measured[measured["index_type"].str.startswith("default")]
+    ref = default if len(default) else measured[measured["setting"].str.startswith(f"es {measured['setting'].iloc[0].split()[1]} ")]
+    ref = ref[~ref["filtered"]]
+    swept = sorted(ref["num_candidates"].unique())
+    nc = max([n for n in swept if n <= num_candidates] or swept[:1])
+    ref = ref[ref["num_candidates"] == nc]
+    k = next(c for c in table.columns if c.startswith("recall@"))
+    emulated = table[(table["source"] == "emulated") & ~table["filtered"]].set_index("model")[k]
+    recalls = "; ".join(f"{r['model']} {_f(r[k])} (emulated quantiser: {_f(emulated.get(r['model'], math.nan))})" for _, r in ref.iterrows())
+    kept = pairs[pairs["source"].str.startswith("measured")]
+    holds = kept["same_conclusion_as_exact"]
+    text = (f"**{measured['source'].iloc[0].replace('measured', 'Measured', 1)}** ({measured['queries'].iloc[0]}): with the mapping left to the server "
+            f"({ref['index_type'].iloc[0].removeprefix('default=')}) at num_candidates={nc:g}, recall@{k.split('@')[1]} against exact search is {recalls}")
+    same = kept[kept["setting"] == ref["setting"].iloc[0]]
+    if len(same):
+        p = same.iloc[0]
+        text += f"; the nDCG@5 difference there is {_f(p['diff'], sign=True)} ({_ci(p, 'diff_ci_low', 'diff_ci_high')})"
+    text += (f"; the exact-search conclusion on these queries holds in {int(holds.sum())} of {len(kept)} server settings "
+             "(index types x num_candidates, unfiltered and filtered)")
+    lost = kept.loc[~holds, "setting"].tolist()
+    if lost:
+        text += f"; not in: {', '.join(lost[:6])}{' ...' if len(lost) > 6 else ''}"
+    return text + ". [decision_es.csv, decision_es_pairs.csv]"
 
 
 def filter_sentence(table: pd.DataFrame, contrast: pd.DataFrame) -> str:
@@ -116,11 +158,14 @@ def verdict_lines(tables: Mapping[str, pd.DataFrame], a: str, b: str, label: str
     lines = []
     quality = tables.get("quality")
     if quality is not None and len(quality):
-        lines.append(quality_sentence(quality.iloc[0], label, n_queries))
+        logged = quality[quality["relevance"].str.startswith("interactions")] if "relevance" in quality else quality.iloc[:0]
+        lines.append(quality_sentence(quality.iloc[0], label, n_queries, logged.iloc[0] if len(logged) else None))
     if "frontier" in tables:
         lines.append(cost_sentence(tables["frontier"], a, b))
     if "fidelity_pairs" in tables:
         lines.append(serving_sentence(tables["fidelity_pairs"]))
+    if "es_pairs" in tables:
+        lines.append(server_sentence(tables["es"], tables["es_pairs"]))
     if "filter" in tables:
         lines.append(filter_sentence(tables["filter"], tables.get("filter_contrast", pd.DataFrame())))
     if "categories" in tables:
@@ -130,4 +175,4 @@ def verdict_lines(tables: Mapping[str, pd.DataFrame], a: str, b: str, label: str
     return [line for line in lines if line]
 
 
-__all__ = ["ab_sentence", "categories_sentence", "cost_sentence", "filter_sentence", "quality_sentence", "serving_sentence", "verdict_lines"]
+__all__ = ["ab_sentence", "categories_sentence", "cost_sentence", "filter_sentence", "quality_sentence", "server_sentence", "serving_sentence", "verdict_lines"]

@@ -58,6 +58,7 @@ from .es_requests import (
     MAX_DIMS,
     MAX_KNN,
     RESERVED_FIELDS,
+    SERVER_DEFAULT,
     BulkIndexError,
     BulkReport,
     FailedDocument,
@@ -127,6 +128,8 @@ class ElasticsearchIndex(VectorIndex):
         self.refresh = refresh
         self.client = client if client is not None else connect(self.config)
         self.last_report: BulkReport | None = None
+        #: the server's ``took`` (ms) of each query of the last :meth:`search`
+        self.last_took_ms: list[int] = []
         #: item id -> catalog row (insertion order), for the tie rule of search results
         self._rows: dict[str, int] = {}
         self._fingerprint: str | None = None
@@ -293,6 +296,7 @@ class ElasticsearchIndex(VectorIndex):
         n = len(queries)
         ids = np.full((n, k), "", dtype=object)
         scores = np.full((n, k), -np.inf, dtype=np.float32)
+        self.last_took_ms = []
         for start in range(0, n, self.msearch_batch):
             rows = range(start, min(n, start + self.msearch_batch))
             searches: list[dict[str, Any]] = []
@@ -311,6 +315,7 @@ class ElasticsearchIndex(VectorIndex):
                     kind, reason = _error_parts(answer)
                     _raise_api_error(int(answer.get("status", 0) or 0), kind, reason, self.config.url, self.index_name)
                     raise ValueError(f"Elasticsearch rejected the kNN query for query {row}: {reason}")
+                self.last_took_ms.append(int(answer.get("took", -1)))
                 hits = self._tie_sorted(answer["hits"]["hits"][:k])
                 ids[row, : len(hits)] = [hit["_id"] for hit in hits]
                 scores[row, : len(hits)] = [2.0 * float(hit["_score"]) - 1.0 for hit in hits]
@@ -322,6 +327,28 @@ class ElasticsearchIndex(VectorIndex):
         unknown = len(self._rows)
         return sorted(hits, key=lambda h: (-float(h["_score"]), self._rows.get(h["_id"], unknown), h["_id"]))
 
+    # -- what the server runs -----------------------------------------------------------------------
+    def served_index_options(self) -> dict[str, Any]:
+        """The ``index_options`` the server applies to this field, its defaults included (what
+        ``index_type="default"`` resolved to, e.g. ``bbq_hnsw`` with a ``rescore_vector``)."""
+        answer = self._call(self.client.indices.get_field_mapping, index=self.index_name, fields=self.field, include_defaults=True)
+        entry = next(iter(answer.body.values()))["mappings"][self.field]["mapping"]
+        return dict(next(iter(entry.values())).get("index_options") or {})
+
+    def server_version(self) -> str:
+        """The server's version number (``GET /``, else the nodes' info on servers without it)."""
+        from elasticsearch import ApiError
+
+        try:
+            return str(self.client.info()["version"]["number"])
+        except ApiError:
+            nodes = self._call(self.client.nodes.info, filter_path="nodes.*.version")
+            return min(str(node["version"]) for node in nodes["nodes"].values())
+
+    def drop(self) -> None:
+        """Delete the whole index on the server (every model's vectors in it)."""
+        self._call(self.client.indices.delete, index=self.index_name, ignore_unavailable=True)
+
     # -- persistence -------------------------------------------------------------------------------
     def _save(self, directory: Path) -> dict[str, Any]:
         # The data lives on the server; the folder records where (never the credentials).
@@ -329,7 +356,7 @@ class ElasticsearchIndex(VectorIndex):
             "url": self.config.url,
             "index_name": self.index_name,
             "field": self.field,
-            "index_options": self.vector_mapping["index_options"],
+            "index_options": self.vector_mapping.get("index_options", {"type": SERVER_DEFAULT}),
             "num_candidates": self.num_candidates,
         }
 
@@ -357,7 +384,7 @@ class ElasticsearchIndex(VectorIndex):
             "url": self.config.url,
             "index_name": self.index_name,
             "field": self.field,
-            "index_options": self.vector_mapping["index_options"],
+            "index_options": self.vector_mapping.get("index_options", {"type": SERVER_DEFAULT}),
             "num_candidates": self.num_candidates or "10 x k (>= 100)",
         }
 
@@ -400,6 +427,7 @@ __all__ = [
     "MAX_DIMS",
     "MAX_KNN",
     "RESERVED_FIELDS",
+    "SERVER_DEFAULT",
     "START_HINT",
     "BulkIndexError",
     "BulkReport",

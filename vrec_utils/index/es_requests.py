@@ -16,6 +16,7 @@ from .base import IndexBackendError
 MAX_KNN = 10_000  # Elasticsearch's limit on k and num_candidates
 MAX_DIMS = 4096
 INDEX_TYPES = ("hnsw", "int8_hnsw", "int4_hnsw", "bbq_hnsw", "flat", "int8_flat", "int4_flat", "bbq_flat")
+SERVER_DEFAULT = "default"  # no index_options in the mapping: the server chooses (9.1+: bbq_hnsw from 384 dims, else int8_hnsw)
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_FIELDS = ("item_id",)
 
@@ -41,22 +42,19 @@ def dense_vector_mapping(dims: int, *, index_type: str = "hnsw", m: int = 16, ef
 
     ``index_type`` is set explicitly because Elasticsearch 9.1+ otherwise quantizes vectors of 384+
     dimensions with BBQ, which changes the results; ``hnsw`` (default) keeps float32 vectors,
-    ``flat`` searches exhaustively (exact)."""
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
+    ``flat`` searches exhaustively (exact). ``index_type="default"`` leaves ``index_options`` out,
+    so that the server applies its own default (what a user who sets nothing gets)."""
+    if index_type not in INDEX_TYPES + (SERVER_DEFAULT,):
+        raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES + (SERVER_DEFAULT,))}, got {index_type!r}")
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= MAX_DIMS:
         raise ValueError(f"Elasticsearch dense_vector fields hold 1..{MAX_DIMS} dimensions, got {dims!r}")
+    mapping: dict[str, Any] = {"type": "dense_vector", "dims": int(dims), "element_type": "float", "index": True, "similarity": "cosine"}
+    if index_type == SERVER_DEFAULT:
+        return mapping
     options: dict[str, Any] = {"type": index_type}
     if index_type.endswith("hnsw"):
         options.update(m=int(m), ef_construction=int(ef_construction))
-    return {
-        "type": "dense_vector",
-        "dims": int(dims),
-        "element_type": "float",
-        "index": True,
-        "similarity": "cosine",
-        "index_options": options,
-    }
+    return {**mapping, "index_options": options}
 
 
 def index_mapping(
