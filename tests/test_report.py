@@ -252,3 +252,25 @@ def test_notebook_parameters_read_from_a_namespace():
     params = NotebookParameters.from_namespace(namespace)
     assert (params.k, params.profile, params.workdir) == (10, "smoke", "../work")
     assert set(shared.__all__) == set(NotebookParameters.names())
+
+
+def test_report_passes_an_interaction_log_to_the_notebooks(tmp_path, monkeypatch, capsys):
+    """`vrec report --interactions` reaches the notebooks as an absolute path (they run in
+    notebooks/, not where the command was typed); a missing file stops before any notebook runs."""
+    from vrec_utils import report as report_module
+    from vrec_utils.cli import main
+
+    calls = []
+
+    def fake_run_report(**kwargs):
+        calls.append(kwargs)
+        raise report_module.NotebookError("08_decision", None, "", "stopped by the test", None)
+
+    monkeypatch.setattr(report_module, "run_report", fake_run_report)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--interactions", "missing.csv", "--out", str(tmp_path / "r")]) == 2
+    assert "--interactions: no file missing.csv" in capsys.readouterr().err
+    assert not calls
+    (tmp_path / "clicks.csv").write_text("query_id,item_id\na,b\n")
+    main(["report", "--interactions", "clicks.csv", "--out", str(tmp_path / "r")])
+    assert calls[0]["parameters"]["interactions"] == str(tmp_path / "clicks.csv")

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-size", type=positive_int, default=None, help="a seeded sample of N catalog items instead of all")
     p.add_argument("-k", type=positive_int, default=None, help="results per query in the figures (notebook default: 5)")
     p.add_argument("--label-column", default=None, help="label that decides hits and relevance (notebook default: articleType)")
+    p.add_argument("--interactions", type=Path, default=None, metavar="CSV",
+                   help="interaction log (query_id,item_id[,weight]): the decision section's verdict adds its nDCG@5 difference")
     p.add_argument("--weights", default=None, metavar="MODEL=PATH[,MODEL=PATH]",
                    help="local weights per model instead of the hub/torch caches, e.g. siglip-base=DIR,resnet50=FILE (named in the report)")
     p.add_argument("--no-fallback", action="store_true", help="stop with an error instead of falling back to the offline profile")
@@ -42,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from ..report import NotebookError, run_report  # matplotlib and the notebook runner: not for every `vrec` command
 
     parameters = {key: value for key, value in (("k", args.k), ("label_column", args.label_column)) if value is not None}
+    if args.interactions is not None:
+        if not args.interactions.is_file():
+            raise UserError(f"--interactions: no file {args.interactions}")
+        parameters["interactions"] = str(args.interactions.resolve())  # notebooks run in notebooks/, not here
     try:
         weights = parse_weights_option(args.weights)
     except ValueError as exc:

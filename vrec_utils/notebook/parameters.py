@@ -29,6 +29,7 @@ class NotebookParameters:
     tables_dir: str = "../reports/tables"
     k: int = 5  # results per query
     label_column: str = "articleType"  # the label that decides hits and relevance
+    interactions: str | None = None  # interaction log CSV (query_id,item_id[,weight]); notebook 08 sets its nDCG@5 difference beside the labels
     filter_column: str = "subCategory"  # the category of the filtered kNN (the label column when the catalog lacks it)
     seed: int = 0
     progress: bool = True  # progress bars (vrec report turns them off so that the HTML keeps none)
