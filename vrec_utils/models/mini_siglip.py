@@ -10,7 +10,8 @@ Both towers are projected into the *image tower's* 1280-d space, so the base mod
 neighbourhood structure is the starting point rather than something to be re-learnt::
 
     image head   h(x) = x + W x + c            W, c zero-initialised: starts as the identity
-                 (or low rank: x + B A x, B zero-initialised, with ``image_rank``)
+                 (or low rank: x + B A x, B zero-initialised, with ``image_rank``;
+                 or diagonal: x * (1 + s) + c, s and c zero-initialised, with ``image_head``)
     text head    g(t) = V t + d                384 -> 1280 (optionally a GELU MLP, ``text_hidden``)
     image embedding  normalise((1 - alpha) * x + alpha * normalise(h(x)))
     text embedding   normalise(g(t))
@@ -56,6 +57,7 @@ LOCAL_MODEL_REMEDY = "recreate the model folder with `vrec finetune --out DIR` (
 IMAGE_TOWER = "efficientnet-lite0"
 TEXT_TOWER = "minilm"
 IMAGE_DIM = 1280
+IMAGE_HEADS = ("residual", "diagonal")
 TEXT_DIM = 384
 
 
@@ -67,8 +69,13 @@ class HeadSpec:
     text_dim: int = TEXT_DIM
     image_rank: int | None = None  # None: full-rank residual W; else low-rank x + B A x
     text_hidden: int | None = None  # None: linear text head; else a GELU MLP with this width
+    image_head: str = "residual"  # residual (W, or B A with image_rank) | diagonal (a per-dimension scale)
 
     def __post_init__(self) -> None:
+        if self.image_head not in IMAGE_HEADS:
+            raise ValueError(f"image_head must be one of {', '.join(IMAGE_HEADS)}, got {self.image_head!r}")
+        if self.image_head == "diagonal" and self.image_rank is not None:
+            raise ValueError("image_rank applies to the residual image head, not image_head='diagonal'")
         for name in ("image_dim", "text_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -99,6 +106,19 @@ class ResidualHead(nn.Module):
         return x + update
 
 
+class DiagonalHead(nn.Module):
+    """``x * (1 + s) + c``: a per-dimension scale and shift (2 * dim parameters), zero-initialised:
+    the identity at start. It can reweight the base's feature dimensions but not mix them."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + self.scale) + self.bias
+
+
 class TextHead(nn.Module):
     """384 -> 1280: linear, or a one-hidden-layer GELU MLP."""
 
@@ -126,7 +146,10 @@ class MiniSiglipHeads(nn.Module):
         super().__init__()
         self.spec = spec
         generator = torch.Generator().manual_seed(seed)
-        self.image_head = ResidualHead(spec.image_dim, spec.image_rank, generator)
+        if spec.image_head == "diagonal":
+            self.image_head: nn.Module = DiagonalHead(spec.image_dim)
+        else:
+            self.image_head = ResidualHead(spec.image_dim, spec.image_rank, generator)
         self.text_head = TextHead(spec.text_dim, spec.image_dim, spec.text_hidden, generator)
 
     def tuned_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,6 +241,7 @@ def resolve_model_dir(directory: str | os.PathLike) -> Path:
 def load_heads(directory: Path, meta: dict[str, Any]) -> tuple[MiniSiglipHeads, str]:
     """The heads and the digest of their file (verified against the manifest)."""
     spec_fields = {k: meta["heads"].get(k) for k in ("image_dim", "text_dim", "image_rank", "text_hidden")}
+    spec_fields["image_head"] = meta["heads"].get("image_head", "residual")  # models saved before diagonal heads
     heads = MiniSiglipHeads(HeadSpec(**spec_fields))
     path = directory / meta["heads"]["file"]
     if not path.is_file():
