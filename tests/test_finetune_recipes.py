@@ -375,3 +375,54 @@ def test_selection_gains_and_the_rule_read_only_validation_and_the_selection_hal
     assert choose_by_rule(peeked, 0.005) == "c"  # evaluation and reported-half numbers never change the choice
     with pytest.raises(ValueError, match="tolerance"):
         choose_by_rule(table.iloc[[1, 3]], 0.005)
+
+
+def test_in_domain_gate_matches_mahalanobis_and_serves_the_base_outside(tmp_path):
+    from vrec_utils.train.recipes import fit_in_domain_gate
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(200, 16, generator=g) * 0.3 + 1.0, dim=-1)  # one cluster
+    val = torch.nn.functional.normalize(torch.randn(40, 16, generator=g) * 0.3 + 1.0, dim=-1)
+    far = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=-1)  # elsewhere on the sphere
+    mean, precision, threshold = fit_in_domain_gate(train, val, 0.9)
+    from sklearn.covariance import LedoitWolf
+
+    fit = LedoitWolf().fit(train.double().numpy())
+    direct = [float((v - fit.location_) @ fit.precision_ @ (v - fit.location_)) for v in val.double().numpy()]
+    assert threshold == pytest.approx(np.quantile(direct, 0.9), rel=1e-4)
+    heads = ms.MiniSiglipHeads(ms.HeadSpec(image_dim=16, text_dim=8), seed=0)
+    with torch.no_grad():
+        heads.image_head.up.weight.normal_(0, 0.5, generator=g)
+    heads.set_gate(mean, precision, threshold)
+    np.testing.assert_allclose(heads.gate.distance(val).numpy(), direct, rtol=1e-3)
+    x = torch.cat([val, far])
+    inside = heads.gate(x).bool()
+    assert inside[:40].float().mean() == pytest.approx(0.9, abs=0.03) and not inside[40:].any()
+    with torch.no_grad():
+        served, plain = heads.image(x, 0.6), ms.mix_embeddings(x, heads.tuned_image(x), 0.6)
+        assert torch.equal(served[~inside], heads.image(x, 0.0)[~inside])  # outside: the base embedding, exactly
+        assert torch.equal(served[inside], plain[inside]) and not torch.allclose(served[inside], heads.image(x, 0.0)[inside])
+    ms.save_mini_siglip(tmp_path / "m", heads, alpha=0.6, towers={})
+    loaded, _ = ms.load_heads(tmp_path / "m", ms.read_model_json(tmp_path / "m"))
+    assert loaded.spec.gate and torch.equal(loaded.image(x, 0.6), served)
+    with pytest.raises(ValueError, match="mix='output'"):
+        FinetuneConfig(in_domain_gate=0.99, mix="weights")
+
+
+def test_gated_recipe_run_records_its_gate_and_embeds_as_chosen(recipe_run, shifted_catalog):
+    """A gated run (sharing no training with others) fits the gate on train features only and the
+    saved model embeds the validation items as the coefficient was chosen with."""
+    from vrec_utils.store import load_embeddings
+
+    _, catalog, _, work = recipe_run
+    config = recipe_config("gated-alpha-mix-shift", dataclasses.replace(FAST, epochs=2), shifted_catalog.root / "catalog.csv")
+    result = finetune(catalog, "mini-siglip", work / "gated", workdir=work, config=config, device="cpu", progress=False, warm_cache=False)
+    gate = json.loads((result.model_dir / "vrec_model.json").read_text())["recipe"]["gate"]
+    assert gate["quantile"] == 0.99 and 0.9 <= gate["val_inside"] <= 1.0 and 0.0 <= gate["selection_inside"] <= 1.0
+    val_ids = json.loads((result.out / "split.json").read_text())["finetune_val"]
+    x = torch.from_numpy(np.asarray(load_embeddings(work, catalog, "efficientnet-lite0").vectors_for(val_ids), dtype=np.float32))
+    with torch.no_grad():
+        served = create_embedder(result.model_name, device="cpu").image_from_features(x).numpy()
+    labels = catalog.items.loc[val_ids, FAST.label].astype(str).to_numpy()
+    expected = result.alpha_table.loc[result.alpha_table["alpha"] == result.alpha, "val_ndcg@5"].item()
+    assert label_ndcg(served, labels) == pytest.approx(expected, abs=1e-6)

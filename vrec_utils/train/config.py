@@ -18,9 +18,9 @@ SELECT_ON = ("val", "shift")  # where the mix coefficient is chosen: in-domain v
 IMAGE_HEADS = ("residual", "diagonal")  # mini-siglip image head: x + W x + c (or low rank), or x * (1 + s) + c
 #: Fields added after runs were recorded: left out of :meth:`FinetuneConfig.to_dict` at their
 #: default, so the digest (the run folder and checkpoint identity) of earlier runs is unchanged.
-LATER_FIELDS = {"image_head": "residual", "l2sp": 0.0}
+LATER_FIELDS = {"image_head": "residual", "l2sp": 0.0, "in_domain_gate": None}
 #: Fields used only after training, to choose and record the mix coefficient.
-SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance")
+SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance", "in_domain_gate")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class FinetuneConfig:
     shift_group: str = "sender_id"  # the shifted catalog is split by this column into selection / reported halves
     shift_seed: int = 0
     shift_tolerance: float = 0.0  # coefficients may lose at most this much nDCG@5 on the selection half vs the base
+    in_domain_gate: float | None = None  # mix only images within this quantile of validation Mahalanobis distances; None: off
 
     def __post_init__(self) -> None:
         _choice("trainable", self.trainable, TRAINABLE)
@@ -88,6 +89,10 @@ class FinetuneConfig:
             raise ValueError("image_rank applies to the residual image head; image_head='diagonal' has no rank")
         if self.select_on == "shift" and not self.shift_catalog:
             raise ValueError("select_on='shift' needs shift_catalog (a shifted catalog with labels and a group column)")
+        if self.in_domain_gate is not None and not 0.0 < self.in_domain_gate <= 1.0:
+            raise ValueError(f"in_domain_gate is a quantile in (0, 1], got {self.in_domain_gate}")
+        if self.in_domain_gate is not None and self.mix != "output":
+            raise ValueError("in_domain_gate gates the output mix; it needs mix='output'")
         if self.mix == "weights" and self.alpha is not None:
             raise ValueError("alpha is the output mix; with mix='weights' the interpolation coefficient is chosen on selection")
         for name in ("distill", "l2sp", "shift_tolerance"):

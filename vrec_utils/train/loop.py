@@ -342,12 +342,15 @@ def _finish(run: _Run, opt: Optimisation, state: LoopState, rows: _Positions, wa
     if best.state is not None:
         model.load_train_state(best.state)
         loss_fn.load_state_dict(best.loss_state)
+    gate = model.fit_gate(rows.train, rows.val)
     alpha, alpha_table = choose_alpha(model, rows.ndcg, rows.labels, config)
     model_dir = run.out / "model"
     hist = pd.DataFrame(state.history)
     steps = pd.DataFrame(state.steps, columns=["step", "epoch", "loss", "lr"])
     info = _run_info(run, opt, state, rows)
     info["recipe"] = recipe_record(config, alpha, model, len(rows.ndcg))
+    if gate is not None:
+        info["recipe"]["gate"] = gate
     model.save(model_dir, alpha=alpha, loss=loss_fn, extra={"base": run.base, "config": config.to_dict(), "run": info, "recipe": info["recipe"]})
     (model_dir / "config.json").write_text(json.dumps({"base": run.base, **config.to_dict()}, indent=2))
     run.pairs.save(model_dir / "split.json")

@@ -47,6 +47,7 @@ from .pairs import PairSet, title_series
 from .recipes import (
     SelectionSet,
     augmented_features,
+    fit_in_domain_gate,
     interpolate_state,
     load_selection_set,
     wise_ft_heads,
@@ -79,6 +80,10 @@ class PairModel(ABC):
 
     def start_epoch(self, epoch: int) -> None:
         """Called before each training epoch (recipes with phases switch parameters here)."""
+
+    def fit_gate(self, train_pos: np.ndarray, val_pos: np.ndarray) -> dict[str, Any] | None:
+        """After training: fit the in-domain gate of a recipe that has one; what it recorded, or None."""
+        return None
 
     #: the shifted selection set that chooses the coefficient (recipes with ``select_on="shift"``)
     selection: SelectionSet | None = None
@@ -229,6 +234,24 @@ class MiniSiglipPairs(PairModel):
         probing = epoch <= self.config.probe_epochs
         for param in self.heads.image_head.parameters():
             param.requires_grad_(not probing)
+
+    def fit_gate(self, train_pos: np.ndarray, val_pos: np.ndarray) -> dict[str, Any] | None:
+        """``in_domain_gate``: fit on the training rows' features, threshold on the validation rows'."""
+        quantile = self.config.in_domain_gate
+        if quantile is None:
+            return None
+        train = self.x[torch.as_tensor(train_pos, dtype=torch.long, device=self.device)]
+        val = self.x[torch.as_tensor(val_pos, dtype=torch.long, device=self.device)]
+        mean, precision, threshold = fit_in_domain_gate(train, val, quantile)
+        self.heads.set_gate(mean, precision, threshold)
+        with torch.no_grad():
+            info = {
+                "quantile": quantile, "threshold": threshold, "fitted_on": "training part of the train split",
+                "threshold_on": "validation part of the train split", "val_inside": float(self.heads.gate(val).mean()),
+            }  # fmt: skip
+            if self.selection is not None:
+                info["selection_inside"] = float(self.heads.gate(self.selection.features).mean())
+        return info
 
     def embed_features(self, x: torch.Tensor, coefficient: float) -> torch.Tensor:
         """Served image embeddings of features ``x`` at mix ``coefficient`` (``config.mix``):
@@ -459,7 +482,8 @@ def create_pair_model(
             "or tiny-siglip / tiny-openclip for tests"
         )
     recipe = {"mix": config.mix != "output", "distill": config.distill > 0, "l2sp": config.l2sp > 0,
-              "image_head": config.image_head != "residual", "probe_epochs": config.probe_epochs > 0,
+              "image_head": config.image_head != "residual", "in_domain_gate": config.in_domain_gate is not None,
+              "probe_epochs": config.probe_epochs > 0,
               "augment_views": config.augment_views > 0, "select_on": config.select_on != "val"}  # fmt: skip
     if any(recipe.values()):
         raise ValueError(

@@ -19,7 +19,9 @@ A recipe is a set of :class:`~vrec_utils.train.config.FinetuneConfig` fields (:d
   cache (:func:`augmented_features`), so no tower runs during training;
 * ``select_on="shift"``: the coefficient is chosen on the *selection half* of a shifted catalog
   (:func:`shift_halves`, split by ``sender_id``); the other half is the one to report on.
-  ``shift_tolerance``: how much nDCG@5 a coefficient may lose there against the base.
+  ``shift_tolerance``: how much nDCG@5 a coefficient may lose there against the base;
+* ``in_domain_gate``: :func:`fit_in_domain_gate`, the output mix served only to images within the
+  training distribution (Mahalanobis distance), the base embedding to all others.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "diagonal-shift": {**_ROUND2, "image_head": "diagonal"},
     "distill3-augment-shift": {**_ROUND2, "distill": 3.0, "augment_views": 1},
     "distill10-shift": {**_ROUND2, "distill": 10.0},
+    "gated-alpha-mix-shift": {**_ROUND2, "in_domain_gate": 0.99},
 }
 ROUND2_RECIPES = tuple(name for name, overrides in RECIPES.items() if overrides.get("shift_tolerance") == ROUND2_TOLERANCE)
 
@@ -222,6 +225,25 @@ def augmented_features(
         if names:
             out[item_id] = np.asarray(emb.vectors_for(names), dtype=np.float32)
     return out
+
+
+# ------------------------------------------------------------------------ in-domain gate
+
+
+def fit_in_domain_gate(train: torch.Tensor, val: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, precision, threshold) of an in-domain gate: a Ledoit-Wolf shrunk Gaussian fitted to
+    the ``train`` features, and the ``quantile`` of the squared Mahalanobis distances of the held-out
+    ``val`` features (training features sit closer than new in-domain ones would)."""
+    from sklearn.covariance import LedoitWolf  # ~1 s to import; only gated runs need it
+
+    if len(train) < 2 or len(val) < 1:
+        raise ValueError(f"the in-domain gate needs >= 2 training and >= 1 validation features, got {len(train)} and {len(val)}")
+    fit = LedoitWolf().fit(train.detach().cpu().double().numpy())
+    mean = torch.from_numpy(fit.location_).float()
+    precision = torch.from_numpy(fit.precision_).float()
+    centred = val.detach().cpu().float() - mean
+    distances = ((centred @ precision) * centred).sum(dim=-1).double().numpy()
+    return mean, precision, float(np.quantile(distances, quantile))
 
 
 # ------------------------------------------------------------------ shifted selection set
