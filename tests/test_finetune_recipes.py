@@ -426,3 +426,19 @@ def test_gated_recipe_run_records_its_gate_and_embeds_as_chosen(recipe_run, shif
     labels = catalog.items.loc[val_ids, FAST.label].astype(str).to_numpy()
     expected = result.alpha_table.loc[result.alpha_table["alpha"] == result.alpha, "val_ndcg@5"].item()
     assert label_ndcg(served, labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_cli_default_recipe_is_the_study_default_and_falls_back_without_a_shift_catalog(shifted_catalog, capsys):
+    from vrec_utils.cli import build_parser
+    from vrec_utils.cli.finetune_cmd import config_from_args, config_with_recipe
+    from vrec_utils.train.recipes import DEFAULT_RECIPE, RECIPES
+
+    shift = str(shifted_catalog.root)
+    args = build_parser().parse_args(["finetune", "--catalog", "sample", "--out", "/tmp/unused-run", "--shift-catalog", shift])
+    config = config_with_recipe(args, mini=True)
+    assert config.recipe == DEFAULT_RECIPE and config == recipe_config(DEFAULT_RECIPE, config_from_args(args), shift)
+    assert all(getattr(config, k) == v for k, v in RECIPES[DEFAULT_RECIPE].items() if k != "select_on")
+    bare = config_with_recipe(build_parser().parse_args(["finetune", "--catalog", "sample", "--out", "/tmp/unused-run", "--shift-catalog", ""]), mini=True)
+    assert bare.select_on == "val" and bare.shift_catalog is None  # no shift catalog: chosen on validation, and said so
+    if RECIPES[DEFAULT_RECIPE].get("select_on") == "shift":
+        assert bare.recipe == f"{DEFAULT_RECIPE}@val" and "chosen on validation" in capsys.readouterr().err
