@@ -51,6 +51,33 @@ RULE = (
 )
 
 
+def plot_tradeoff(study, tolerance: float, path: Path) -> None:
+    """Validation gain against selection-half change, one line per recipe over its coefficients
+    (the data the rule reads), the chosen coefficient ringed, the tolerance as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, alpha in study.alpha_tables.items():
+        if "shift_select_ndcg@5" not in alpha:
+            continue
+        x = alpha["shift_select_ndcg@5"] - alpha.loc[alpha["alpha"] == 0, "shift_select_ndcg@5"].item()
+        y = alpha["val_ndcg@5"] - alpha.loc[alpha["alpha"] == 0, "val_ndcg@5"].item()
+        (line,) = ax.plot(x, y, marker="o", markersize=3, label=name)
+        chosen = (alpha["alpha"] - study.runs[name]["alpha"]).abs() < 1e-9
+        ax.scatter(x[chosen], y[chosen], s=120, facecolors="none", edgecolors=line.get_color(), linewidths=2)
+    ax.axvline(-tolerance, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.axvline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("nDCG@5 change on clothing-dev's selection half (real photos)")
+    ax.set_ylabel("nDCG@5 gain on in-domain validation")
+    ax.set_title(f"Each recipe's mix coefficients 0..1 (points); ringed: chosen by the rule\n"
+                 f"(selection-half change >= -{tolerance:g} (dashed), then best validation gain)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalog", type=Path, default=Path(os.environ.get("VREC_FASHION_SMALL", REPO.parent / "shared" / "data" / "fashion-small")))
@@ -97,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out.with_suffix(".md").write_text(header + study.markdown_table() + "\n")
     (args.out.with_suffix(".json")).write_text(json.dumps({"runs": study.runs, "total_seconds": total}, indent=2, default=str))
-    print(f"wrote {args.out.with_suffix('.csv')}, .md, _sides.csv, .json")
+    plot_tradeoff(study, args.rule_tolerance, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.csv')}, .md, .png, _sides.csv, .json")
     return 0
 
 

@@ -12,6 +12,7 @@ The intervals are the evaluation package's paired bootstrap (:meth:`EvaluationRe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -131,6 +132,7 @@ class RecipeStudy:
     table: pd.DataFrame
     sides: pd.DataFrame  # both_sides rows of every recipe's model
     runs: dict[str, dict]
+    alpha_tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)  # each run's coefficient table (alpha.csv)
 
     def markdown_table(self) -> str:
         return self.table.to_markdown(index=False)
@@ -200,7 +202,7 @@ def run_recipe_study(
             "shift diff": shift["diff"], "shift CI": f"[{shift['ci_low']:+.4f}, {shift['ci_high']:+.4f}]",
             "train s": runs[name]["train_seconds"], "verdict": verdict(mine),
         })  # fmt: skip
-    return RecipeStudy(pd.DataFrame(rows).round(4), sides, runs)
+    return RecipeStudy(pd.DataFrame(rows).round(4), sides, runs, {k: v for k, v in alphas.items() if v is not None})
 
 
 __all__ = [
