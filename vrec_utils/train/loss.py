@@ -77,8 +77,9 @@ def similarity_distillation(tuned: torch.Tensor, base: torch.Tensor) -> torch.Te
 def l2_sp(params: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> torch.Tensor:
     """L2-SP (Li et al. 2018): the squared distance of ``params`` from their starting point,
     ``sum_k ||params[k] - initial[k]||^2`` over the keys of ``params`` (``initial`` carries no
-    gradient). With mini-SigLIP's identity-initialised image head it pulls the head back toward
-    the base model instead of toward zero weights."""
+    gradient). On mini-SigLIP's image head, which starts as the identity, it pulls the tuned
+    model back toward the base model (for the low-rank head's random ``down`` matrix, toward its
+    initial values rather than toward zero)."""
     missing = sorted(set(params) - set(initial))
     if missing:
         raise ValueError(f"no starting value for {', '.join(missing)}")
