@@ -13,9 +13,16 @@ recipe, coefficient, in-domain diff [CI], shift diff [CI], training seconds; wri
 and Markdown under ``benchmarks/results/``. The other senders' photos of the same source are
 kept out of the repository and are not measured here.
 
+The default recipe is chosen by a stated rule (``RULE``, :func:`choose_by_rule`) that reads only
+validation and selection-half numbers; the table, the rule and the rule's choice go into the
+Markdown, and ``.png`` draws each recipe's coefficients (validation gain against selection-half change).
+
 Usage::
 
     .venv/bin/python benchmarks/bench_finetune_recipes.py [--workdir /tmp/vrec-recipes] [--recipes a,b]
+    # round 2 (benchmarks/results/finetune_recipes_round2.md):
+    .venv/bin/python benchmarks/bench_finetune_recipes.py --out benchmarks/results/finetune_recipes_round2 \
+        --recipes alpha-mix,alpha-mix-shift-tol,gated-alpha-mix-shift,lp-ft,lp-ft-shift,gated-lp-ft-shift,l2sp-shift,gated-l2sp-shift,distill3-augment-shift,gated-distill3-augment-shift
 
 A rerun reuses the cached features and finished runs (ensure_finetuned).
 """
