@@ -66,21 +66,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill-augment-wise-ft-shift": {"distill": 1.0, "augment_views": 1, "mix": "weights", "select_on": "shift"},
     # Round 2 (benchmarks/results/finetune_recipes_round2.md): every candidate chooses its output mix
     # on the selection half with ROUND2_TOLERANCE, and every training is measured with and without
-    # the in-domain gate; the study's default is the best validation gain among them.
+    # the in-domain gate; the study's default is the best validation gain among them. (The diagonal
+    # and low-rank heads and distillation at weight 10 were planned but not run in the time: not here.)
     "alpha-mix-shift-tol": {**_ROUND2},
     "lp-ft-shift": {**_ROUND2, "probe_epochs": 3},
     "l2sp-shift": {**_ROUND2, "l2sp": 1e-3},
-    "low-rank-shift": {**_ROUND2, "image_rank": 16},
-    "diagonal-shift": {**_ROUND2, "image_head": "diagonal"},
     "distill3-augment-shift": {**_ROUND2, "distill": 3.0, "augment_views": 1},
-    "distill10-shift": {**_ROUND2, "distill": 10.0},
     "gated-alpha-mix-shift": {**_ROUND2, **_GATE},
     "gated-lp-ft-shift": {**_ROUND2, **_GATE, "probe_epochs": 3},
     "gated-l2sp-shift": {**_ROUND2, **_GATE, "l2sp": 1e-3},
-    "gated-low-rank-shift": {**_ROUND2, **_GATE, "image_rank": 16},
-    "gated-diagonal-shift": {**_ROUND2, **_GATE, "image_head": "diagonal"},
     "gated-distill3-augment-shift": {**_ROUND2, **_GATE, "distill": 3.0, "augment_views": 1},
-    "gated-distill10-shift": {**_ROUND2, **_GATE, "distill": 10.0},
 }
 ROUND2_RECIPES = tuple(name for name, overrides in RECIPES.items() if overrides.get("shift_tolerance") == ROUND2_TOLERANCE)
 
