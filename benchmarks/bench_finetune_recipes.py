@@ -69,7 +69,8 @@ def plot_tradeoff(study, tolerance: float, path: Path) -> None:
             continue
         x = alpha["shift_select_ndcg@5"] - alpha.loc[alpha["alpha"] == 0, "shift_select_ndcg@5"].item()
         y = alpha["val_ndcg@5"] - alpha.loc[alpha["alpha"] == 0, "val_ndcg@5"].item()
-        (line,) = ax.plot(x, y, marker="o", markersize=3, label=name)
+        gated = name.startswith("gated-")  # gated recipes sit on x = 0: dashed, so they read apart
+        (line,) = ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="--" if gated else "-", alpha=0.8 if gated else 1.0)
         chosen = (alpha["alpha"] - study.runs[name]["alpha"]).abs() < 1e-9
         ax.scatter(x[chosen], y[chosen], s=120, facecolors="none", edgecolors=line.get_color(), linewidths=2)
     ax.axvline(-tolerance, color="grey", linestyle="--", linewidth=1)
