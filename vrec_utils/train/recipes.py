@@ -77,7 +77,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gated-l2sp-shift": {**_ROUND2, **_GATE, "l2sp": 1e-3},
     "gated-distill3-augment-shift": {**_ROUND2, **_GATE, "distill": 3.0, "augment_views": 1},
 }
-ROUND2_RECIPES = tuple(name for name, overrides in RECIPES.items() if overrides.get("shift_tolerance") == ROUND2_TOLERANCE)
 
 #: The recipe ``vrec finetune --base mini-siglip`` uses, chosen by the round-2 study's stated rule
 #: (benchmarks/results/finetune_recipes_round2.md: per recipe the coefficient with the best in-domain
