@@ -13,9 +13,16 @@ recipe, coefficient, in-domain diff [CI], shift diff [CI], training seconds; wri
 and Markdown under ``benchmarks/results/``. The other senders' photos of the same source are
 kept out of the repository and are not measured here.
 
+The default recipe is chosen by a stated rule (``RULE``, :func:`choose_by_rule`) that reads only
+validation and selection-half numbers; the table, the rule and the rule's choice go into the
+Markdown, and ``.png`` draws each recipe's coefficients (validation gain against selection-half change).
+
 Usage::
 
     .venv/bin/python benchmarks/bench_finetune_recipes.py [--workdir /tmp/vrec-recipes] [--recipes a,b]
+    # round 2 (benchmarks/results/finetune_recipes_round2.md):
+    .venv/bin/python benchmarks/bench_finetune_recipes.py --out benchmarks/results/finetune_recipes_round2 \
+        --recipes alpha-mix,alpha-mix-shift-tol,gated-alpha-mix-shift,lp-ft,lp-ft-shift,gated-lp-ft-shift,l2sp-shift,gated-l2sp-shift,distill3-augment-shift,gated-distill3-augment-shift
 
 A rerun reuses the cached features and finished runs (ensure_finetuned).
 """
@@ -39,8 +46,44 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _machine import cpu_line
 
 from vrec_utils.catalog import load_catalog
-from vrec_utils.studies.recipe_study import HOLD_MARGIN, run_recipe_study
+from vrec_utils.studies.recipe_study import HOLD_MARGIN, choose_by_rule, run_recipe_study
 from vrec_utils.train import RECIPES, FinetuneConfig
+from vrec_utils.train.recipes import ROUND2_TOLERANCE
+
+RULE = (
+    "each recipe's output-mix coefficient: among ALPHA_GRID, those whose nDCG@5 on clothing-dev's selection half "
+    "(senders hashed with seed 0) is at least the base's minus {t:g}, the one with the best in-domain validation "
+    "nDCG@5 (validation part of the train split); the default: among recipes chosen that way, the best validation "
+    "gain. The evaluation split and the reported half are measured once per finished recipe and never read by the rule."
+)
+
+
+def plot_tradeoff(study, tolerance: float, path: Path) -> None:
+    """Validation gain against selection-half change, one line per recipe over its coefficients
+    (the data the rule reads), the chosen coefficient ringed, the tolerance as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, alpha in study.alpha_tables.items():
+        if "shift_select_ndcg@5" not in alpha:
+            continue
+        x = alpha["shift_select_ndcg@5"] - alpha.loc[alpha["alpha"] == 0, "shift_select_ndcg@5"].item()
+        y = alpha["val_ndcg@5"] - alpha.loc[alpha["alpha"] == 0, "val_ndcg@5"].item()
+        gated = name.startswith("gated-")  # gated recipes sit on x = 0: dashed, so they read apart
+        (line,) = ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="--" if gated else "-", alpha=0.8 if gated else 1.0)
+        chosen = (alpha["alpha"] - study.runs[name]["alpha"]).abs() < 1e-9
+        ax.scatter(x[chosen], y[chosen], s=120, facecolors="none", edgecolors=line.get_color(), linewidths=2)
+    ax.axvline(-tolerance, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.axvline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("nDCG@5 change on clothing-dev's selection half (real photos)")
+    ax.set_ylabel("nDCG@5 gain on in-domain validation")
+    ax.set_title(f"Each recipe's mix coefficients 0..1 (points); ringed: chosen by the rule\n"
+                 f"(selection-half change >= -{tolerance:g} (dashed), then best validation gain)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every recipe (default: FinetuneConfig's)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipes")
+    parser.add_argument("--rule-tolerance", type=float, default=ROUND2_TOLERANCE, help="selection-half tolerance of the default's rule")
     args = parser.parse_args(argv)
 
     print(cpu_line())
@@ -70,14 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for row in table.itertuples(index=False):
             print(f"{row.recipe}: {row.verdict}")
+    rule = RULE.format(t=args.rule_tolerance)
+    try:
+        chosen = choose_by_rule(table, args.rule_tolerance)
+    except ValueError as error:
+        chosen = f"none ({error})"
+    print(f"\nselection rule: {rule}\nchosen by the rule: {chosen}")
     print(f"\ntotal {total:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out.with_suffix(".csv"), index=False)
     study.sides.to_csv(args.out.with_name(args.out.name + "_sides.csv"), index=False)
-    header = f"{cpu_line()} (shared with other jobs); `{' '.join(['benchmarks/bench_finetune_recipes.py', *(argv or sys.argv[1:])])}`\n\n"
+    header = (
+        f"{cpu_line()}; the 2 cores were shared with other jobs (times are under load)\n\n"
+        f"`{' '.join(['benchmarks/bench_finetune_recipes.py', *(argv or sys.argv[1:])])}`\n\n"
+        f"Candidates: {len(table)} recipes in this table. Selection rule: {rule}\n\n"
+        f"Chosen by the rule: **{chosen}**. Total {total:.0f} s.\n\n"
+    )
     args.out.with_suffix(".md").write_text(header + study.markdown_table() + "\n")
     (args.out.with_suffix(".json")).write_text(json.dumps({"runs": study.runs, "total_seconds": total}, indent=2, default=str))
-    print(f"wrote {args.out.with_suffix('.csv')}, .md, _sides.csv, .json")
+    plot_tradeoff(study, args.rule_tolerance, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.csv')}, .md, .png, _sides.csv, .json")
     return 0
 
 

@@ -20,6 +20,7 @@ from vrec_utils.train import (
     FinetuneConfig,
     finetune,
     interpolate_state,
+    l2_sp,
     label_ndcg,
     photo_augment,
     recipe_config,
@@ -77,9 +78,9 @@ def test_interpolate_state_endpoints_are_exact_and_the_middle_is_linear():
         interpolate_state(base, tuned, 1.5)
 
 
-@pytest.mark.parametrize("rank", [None, 3])
-def test_wise_ft_at_0_and_1_reproduces_the_base_and_the_tuned_model_exactly(rank):
-    spec = ms.HeadSpec(image_dim=16, text_dim=8, image_rank=rank)
+@pytest.mark.parametrize("head", [{}, {"image_rank": 3}, {"image_head": "diagonal"}])
+def test_wise_ft_at_0_and_1_reproduces_the_base_and_the_tuned_model_exactly(head):
+    spec = ms.HeadSpec(image_dim=16, text_dim=8, **head)
     heads = ms.MiniSiglipHeads(spec, seed=0)
     initial = {k: v.clone() for k, v in heads.state_dict().items()}
     with torch.no_grad():  # "training": move every tensor
@@ -273,3 +274,171 @@ def test_cli_prints_both_sides_and_the_verdict(recipe_run, shifted_catalog, tmp_
     assert recorded["name"] == "alpha-mix-shift" and "shift" in recorded["selection"]
     assert main(["finetune", "--catalog", "sample", "--base", "tiny-siglip", "--recipe", "distill", "--out", str(tmp_path / "x")]) == 2
     assert "mini-siglip only" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- round 2: L2-SP, low-capacity heads, the rule
+
+
+def test_l2_sp_matches_direct_computation_and_pulls_toward_the_start_only():
+    rng = np.random.default_rng(0)
+    start = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
+    now = {k: v + rng.normal(size=v.shape) for k, v in start.items()}
+    expected = sum(float(((now[k] - start[k]) ** 2).sum()) for k in start)  # straight from the definition
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in now.items()}
+    initial = {k: torch.tensor(v, requires_grad=True) for k, v in start.items()}
+    got = l2_sp(params, initial)
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-12)
+    got.backward()
+    for k in start:  # d/dp ||p - p0||^2 = 2 (p - p0); the starting point gets no gradient
+        np.testing.assert_allclose(params[k].grad.numpy(), 2 * (now[k] - start[k]), rtol=1e-12)
+        assert initial[k].grad is None
+    assert float(l2_sp({k: torch.tensor(v) for k, v in start.items()}, initial)) == 0.0
+    with pytest.raises(ValueError, match="no starting value"):
+        l2_sp({"c": torch.zeros(2)}, initial)
+
+
+def test_diagonal_head_is_the_identity_at_start_and_reloads_identically(tmp_path):
+    spec = ms.HeadSpec(image_dim=16, text_dim=8, image_head="diagonal")
+    heads = ms.MiniSiglipHeads(spec, seed=0)
+    x = torch.nn.functional.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    with torch.no_grad():
+        assert torch.equal(heads.image_head(x), x)  # the identity, exactly: the served model is the base
+        for a in (0.3, 1.0):
+            torch.testing.assert_close(heads.image(x, a), heads.image(x, 0.0), rtol=0, atol=1e-7)
+    assert sum(p.numel() for p in heads.image_head.parameters()) == 2 * 16
+    with torch.no_grad():
+        heads.image_head.scale.copy_(torch.linspace(-0.5, 0.5, 16))
+        heads.image_head.bias.fill_(0.01)
+    expected = torch.nn.functional.normalize(x * (1 + torch.linspace(-0.5, 0.5, 16)) + 0.01, dim=-1)
+    torch.testing.assert_close(heads.tuned_image(x), expected)
+    ms.save_mini_siglip(tmp_path / "m", heads, alpha=0.7, towers={})
+    loaded, _ = ms.load_heads(tmp_path / "m", ms.read_model_json(tmp_path / "m"))
+    assert loaded.spec == spec and torch.equal(loaded.image(x, 0.7), heads.image(x, 0.7))
+    with pytest.raises(ValueError, match="image_rank"):
+        ms.HeadSpec(image_rank=4, image_head="diagonal")
+
+
+def test_models_saved_before_diagonal_heads_load_as_residual(tmp_path):
+    heads = ms.MiniSiglipHeads(ms.HeadSpec(image_dim=16, text_dim=8, image_rank=2), seed=0)
+    ms.save_mini_siglip(tmp_path / "m", heads, alpha=0.5, towers={})
+    meta = ms.read_model_json(tmp_path / "m")
+    del meta["heads"]["image_head"]  # the manifest as it was written before
+    loaded, _ = ms.load_heads(tmp_path / "m", meta)
+    assert loaded.spec.image_head == "residual" and loaded.spec.image_rank == 2
+
+
+def test_config_fields_added_later_keep_the_identity_of_earlier_runs():
+    plain = FinetuneConfig()
+    assert "l2sp" not in plain.to_dict() and "image_head" not in plain.to_dict()  # digest as before these fields
+    tuned = dataclasses.replace(plain, l2sp=0.01, image_head="diagonal")
+    assert tuned.to_dict()["l2sp"] == 0.01 and tuned.to_dict()["image_head"] == "diagonal"
+    assert FinetuneConfig.from_dict(tuned.to_dict()) == tuned and FinetuneConfig.from_dict(plain.to_dict()) == plain
+    assert tuned.digest() != plain.digest() and tuned.training_dict() != plain.training_dict()
+    with pytest.raises(ValueError, match="l2sp"):
+        FinetuneConfig(l2sp=-1.0)
+    with pytest.raises(ValueError, match="image_rank"):
+        FinetuneConfig(image_head="diagonal", image_rank=4)
+
+
+def _head_distance(result) -> float:
+    heads, _ = ms.load_heads(result.model_dir, ms.read_model_json(result.model_dir))
+    return float(sum(p.detach().pow(2).sum() for p in heads.image_head.parameters()))  # identity start: all zeros
+
+
+def test_l2sp_keeps_the_trained_head_closer_to_its_start(recipe_run):
+    """Two short trainings of a diagonal head on the cached sample features, with and without a
+    strong L2-SP weight: the regularised head ends nearer the identity and records the recipe."""
+    _, catalog, _, work = recipe_run
+    base = dataclasses.replace(FAST, image_head="diagonal", alpha=1.0)  # alpha fixed: the saved head is the tuned one
+    free = finetune(catalog, "mini-siglip", work / "free", workdir=work, config=base, device="cpu", progress=False, warm_cache=False)
+    pulled = finetune(catalog, "mini-siglip", work / "l2sp", workdir=work, config=dataclasses.replace(base, l2sp=100.0),
+                      device="cpu", progress=False, warm_cache=False)  # fmt: skip
+    assert 0 < _head_distance(pulled) < 0.5 * _head_distance(free)
+    recorded = json.loads((pulled.model_dir / "vrec_model.json").read_text())
+    assert recorded["recipe"]["l2sp"] == 100.0 and recorded["recipe"]["image_head"] == "diagonal"
+    assert recorded["heads"]["image_head"] == "diagonal"
+
+
+def test_selection_gains_and_the_rule_read_only_validation_and_the_selection_half():
+    from vrec_utils.studies.recipe_study import choose_by_rule, selection_gains
+
+    alpha = pd.DataFrame({"alpha": [0.0, 0.1, 0.2], "val_ndcg@5": [0.60, 0.62, 0.65], "shift_select_ndcg@5": [0.50, 0.497, 0.49]})
+    assert selection_gains(alpha, 0.1) == pytest.approx({"val gain": 0.02, "selection change": -0.003})
+    assert np.isnan(selection_gains(alpha.drop(columns="shift_select_ndcg@5"), 0.2)["selection change"])
+    table = pd.DataFrame({
+        "recipe": ["a", "b", "c", "d"], "val gain": [0.02, 0.05, 0.03, 0.09], "selection change": [-0.001, -0.02, 0.0, np.nan],
+        "in-domain diff": [0.0, 0.0, 0.0, 0.0], "shift diff": [0.0, 0.0, 0.0, 0.0],
+    })  # fmt: skip
+    assert choose_by_rule(table, 0.005) == "c"  # b loses too much on the selection half; d never chose there
+    assert choose_by_rule(table, 0.03) == "b"
+    peeked = table.assign(**{"in-domain diff": [0.9, 0.0, -0.9, 0.0], "shift diff": [0.9, 0.0, -0.9, 0.0]})
+    assert choose_by_rule(peeked, 0.005) == "c"  # evaluation and reported-half numbers never change the choice
+    with pytest.raises(ValueError, match="tolerance"):
+        choose_by_rule(table.iloc[[1, 3]], 0.005)
+
+
+def test_in_domain_gate_matches_mahalanobis_and_serves_the_base_outside(tmp_path):
+    from vrec_utils.train.recipes import fit_in_domain_gate
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(200, 16, generator=g) * 0.3 + 1.0, dim=-1)  # one cluster
+    val = torch.nn.functional.normalize(torch.randn(40, 16, generator=g) * 0.3 + 1.0, dim=-1)
+    far = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=-1)  # elsewhere on the sphere
+    mean, precision, threshold = fit_in_domain_gate(train, val, 0.9)
+    from sklearn.covariance import LedoitWolf
+
+    fit = LedoitWolf().fit(train.double().numpy())
+    direct = [float((v - fit.location_) @ fit.precision_ @ (v - fit.location_)) for v in val.double().numpy()]
+    assert threshold == pytest.approx(np.quantile(direct, 0.9), rel=1e-4)
+    heads = ms.MiniSiglipHeads(ms.HeadSpec(image_dim=16, text_dim=8), seed=0)
+    with torch.no_grad():
+        heads.image_head.up.weight.normal_(0, 0.5, generator=g)
+    heads.set_gate(mean, precision, threshold)
+    np.testing.assert_allclose(heads.gate.distance(val).numpy(), direct, rtol=1e-3)
+    x = torch.cat([val, far])
+    inside = heads.gate(x).bool()
+    assert inside[:40].float().mean() == pytest.approx(0.9, abs=0.03) and not inside[40:].any()
+    with torch.no_grad():
+        served, plain = heads.image(x, 0.6), ms.mix_embeddings(x, heads.tuned_image(x), 0.6)
+        assert torch.equal(served[~inside], heads.image(x, 0.0)[~inside])  # outside: the base embedding, exactly
+        assert torch.equal(served[inside], plain[inside]) and not torch.allclose(served[inside], heads.image(x, 0.0)[inside])
+    ms.save_mini_siglip(tmp_path / "m", heads, alpha=0.6, towers={})
+    loaded, _ = ms.load_heads(tmp_path / "m", ms.read_model_json(tmp_path / "m"))
+    assert loaded.spec.gate and torch.equal(loaded.image(x, 0.6), served)
+    with pytest.raises(ValueError, match="mix='output'"):
+        FinetuneConfig(in_domain_gate=0.99, mix="weights")
+
+
+def test_gated_recipe_run_records_its_gate_and_embeds_as_chosen(recipe_run, shifted_catalog):
+    """A gated run (sharing no training with others) fits the gate on train features only and the
+    saved model embeds the validation items as the coefficient was chosen with."""
+    from vrec_utils.store import load_embeddings
+
+    _, catalog, _, work = recipe_run
+    config = recipe_config("gated-alpha-mix-shift", dataclasses.replace(FAST, epochs=2), shifted_catalog.root / "catalog.csv")
+    result = finetune(catalog, "mini-siglip", work / "gated", workdir=work, config=config, device="cpu", progress=False, warm_cache=False)
+    gate = json.loads((result.model_dir / "vrec_model.json").read_text())["recipe"]["gate"]
+    assert gate["quantile"] == 0.99 and 0.9 <= gate["val_inside"] <= 1.0 and 0.0 <= gate["selection_inside"] <= 1.0
+    val_ids = json.loads((result.out / "split.json").read_text())["finetune_val"]
+    x = torch.from_numpy(np.asarray(load_embeddings(work, catalog, "efficientnet-lite0").vectors_for(val_ids), dtype=np.float32))
+    with torch.no_grad():
+        served = create_embedder(result.model_name, device="cpu").image_from_features(x).numpy()
+    labels = catalog.items.loc[val_ids, FAST.label].astype(str).to_numpy()
+    expected = result.alpha_table.loc[result.alpha_table["alpha"] == result.alpha, "val_ndcg@5"].item()
+    assert label_ndcg(served, labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_cli_default_recipe_is_the_study_default_and_falls_back_without_a_shift_catalog(shifted_catalog, capsys):
+    from vrec_utils.cli import build_parser
+    from vrec_utils.cli.finetune_cmd import config_from_args, config_with_recipe
+    from vrec_utils.train.recipes import DEFAULT_RECIPE, RECIPES
+
+    shift = str(shifted_catalog.root)
+    args = build_parser().parse_args(["finetune", "--catalog", "sample", "--out", "/tmp/unused-run", "--shift-catalog", shift])
+    config = config_with_recipe(args, mini=True)
+    assert config.recipe == DEFAULT_RECIPE and config == recipe_config(DEFAULT_RECIPE, config_from_args(args), shift)
+    assert all(getattr(config, k) == v for k, v in RECIPES[DEFAULT_RECIPE].items() if k != "select_on")
+    bare = config_with_recipe(build_parser().parse_args(["finetune", "--catalog", "sample", "--out", "/tmp/unused-run", "--shift-catalog", ""]), mini=True)
+    assert bare.select_on == "val" and bare.shift_catalog is None  # no shift catalog: chosen on validation, and said so
+    if RECIPES[DEFAULT_RECIPE].get("select_on") == "shift":
+        assert bare.recipe == f"{DEFAULT_RECIPE}@val" and "chosen on validation" in capsys.readouterr().err

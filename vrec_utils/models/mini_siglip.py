@@ -10,7 +10,8 @@ Both towers are projected into the *image tower's* 1280-d space, so the base mod
 neighbourhood structure is the starting point rather than something to be re-learnt::
 
     image head   h(x) = x + W x + c            W, c zero-initialised: starts as the identity
-                 (or low rank: x + B A x, B zero-initialised, with ``image_rank``)
+                 (or low rank: x + B A x, B zero-initialised, with ``image_rank``;
+                 or diagonal: x * (1 + s) + c, s and c zero-initialised, with ``image_head``)
     text head    g(t) = V t + d                384 -> 1280 (optionally a GELU MLP, ``text_hidden``)
     image embedding  normalise((1 - alpha) * x + alpha * normalise(h(x)))
     text embedding   normalise(g(t))
@@ -18,6 +19,9 @@ neighbourhood structure is the starting point rather than something to be re-lea
 ``alpha`` is an output mix between the base (efficientnet-lite0) and the tuned image embedding:
 ``alpha = 0`` is exactly efficientnet-lite0, ``alpha = 1`` the tuned head alone. It guards
 against forgetting under a domain shift and is chosen (and reported) by the fine-tuning run.
+With an **in-domain gate** (:class:`InDomainGate`, fitted by the run) the mix applies only to
+features within the training distribution (squared Mahalanobis distance to the training
+features at most a threshold); any other image gets exactly the base embedding (``alpha = 0``).
 
 The registered base ``mini-siglip`` has *untrained* heads: its image embeddings equal
 efficientnet-lite0's and its text head is a fixed random projection (seed 0), so text search
@@ -30,6 +34,7 @@ alpha, training config) and ``heads.safetensors`` (no pickle).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,6 +61,7 @@ LOCAL_MODEL_REMEDY = "recreate the model folder with `vrec finetune --out DIR` (
 IMAGE_TOWER = "efficientnet-lite0"
 TEXT_TOWER = "minilm"
 IMAGE_DIM = 1280
+IMAGE_HEADS = ("residual", "diagonal")
 TEXT_DIM = 384
 
 
@@ -67,8 +73,14 @@ class HeadSpec:
     text_dim: int = TEXT_DIM
     image_rank: int | None = None  # None: full-rank residual W; else low-rank x + B A x
     text_hidden: int | None = None  # None: linear text head; else a GELU MLP with this width
+    image_head: str = "residual"  # residual (W, or B A with image_rank) | diagonal (a per-dimension scale)
+    gate: bool = False  # an InDomainGate decides per image whether the output mix applies
 
     def __post_init__(self) -> None:
+        if self.image_head not in IMAGE_HEADS:
+            raise ValueError(f"image_head must be one of {', '.join(IMAGE_HEADS)}, got {self.image_head!r}")
+        if self.image_head == "diagonal" and self.image_rank is not None:
+            raise ValueError("image_rank applies to the residual image head, not image_head='diagonal'")
         for name in ("image_dim", "text_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -99,6 +111,38 @@ class ResidualHead(nn.Module):
         return x + update
 
 
+class DiagonalHead(nn.Module):
+    """``x * (1 + s) + c``: a per-dimension scale and shift (2 * dim parameters), zero-initialised:
+    the identity at start. It can reweight the base's feature dimensions but not mix them."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + self.scale) + self.bias
+
+
+class InDomainGate(nn.Module):
+    """1.0 for features within the training distribution, else 0.0: the squared Mahalanobis
+    distance ``(x - mean)^T P (x - mean)`` against ``threshold`` (buffers, saved with the heads;
+    :func:`vrec_utils.train.recipes.fit_in_domain_gate` fits them)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("precision", torch.zeros(dim, dim))
+        self.register_buffer("threshold", torch.tensor(float("inf")))
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - self.mean
+        return ((centred @ self.precision) * centred).sum(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.distance(x) <= self.threshold).to(x.dtype)
+
+
 class TextHead(nn.Module):
     """384 -> 1280: linear, or a one-hidden-layer GELU MLP."""
 
@@ -126,8 +170,22 @@ class MiniSiglipHeads(nn.Module):
         super().__init__()
         self.spec = spec
         generator = torch.Generator().manual_seed(seed)
-        self.image_head = ResidualHead(spec.image_dim, spec.image_rank, generator)
+        if spec.image_head == "diagonal":
+            self.image_head: nn.Module = DiagonalHead(spec.image_dim)
+        else:
+            self.image_head = ResidualHead(spec.image_dim, spec.image_rank, generator)
         self.text_head = TextHead(spec.text_dim, spec.image_dim, spec.text_hidden, generator)
+        self.gate = InDomainGate(spec.image_dim) if spec.gate else None
+
+    def set_gate(self, mean: torch.Tensor, precision: torch.Tensor, threshold: float) -> None:
+        """Attach (or replace) the in-domain gate: the output mix then applies to in-domain images only."""
+        gate = InDomainGate(self.spec.image_dim).to(self.text_head.net[0].weight.device)
+        with torch.no_grad():
+            gate.mean.copy_(mean)
+            gate.precision.copy_(precision)
+            gate.threshold.fill_(float(threshold))
+        self.gate = gate
+        self.spec = dataclasses.replace(self.spec, gate=True)
 
     def tuned_image(self, x: torch.Tensor) -> torch.Tensor:
         """normalise(h(x)): the image side of the training loss (alpha = 1)."""
@@ -137,8 +195,12 @@ class MiniSiglipHeads(nn.Module):
         return F.normalize(self.text_head(t), dim=-1)
 
     def image(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        """The served image embedding: normalise((1 - alpha) x + alpha normalise(h(x)))."""
-        return mix_embeddings(x, self.tuned_image(x), alpha)
+        """The served image embedding: normalise((1 - alpha) x + alpha normalise(h(x))); with a
+        gate, alpha for in-domain rows and 0 (the base embedding, exactly) for the others."""
+        if self.gate is None or alpha == 0.0:
+            return mix_embeddings(x, self.tuned_image(x), alpha)
+        inside = self.gate(x).bool().unsqueeze(-1)
+        return torch.where(inside, mix_embeddings(x, self.tuned_image(x), alpha), mix_embeddings(x, x, 0.0))
 
 
 def mix_embeddings(base: torch.Tensor, tuned: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -218,6 +280,8 @@ def resolve_model_dir(directory: str | os.PathLike) -> Path:
 def load_heads(directory: Path, meta: dict[str, Any]) -> tuple[MiniSiglipHeads, str]:
     """The heads and the digest of their file (verified against the manifest)."""
     spec_fields = {k: meta["heads"].get(k) for k in ("image_dim", "text_dim", "image_rank", "text_hidden")}
+    spec_fields["image_head"] = meta["heads"].get("image_head", "residual")  # models saved before diagonal heads
+    spec_fields["gate"] = bool(meta["heads"].get("gate", False))  # ... and before in-domain gates
     heads = MiniSiglipHeads(HeadSpec(**spec_fields))
     path = directory / meta["heads"]["file"]
     if not path.is_file():

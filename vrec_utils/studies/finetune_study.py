@@ -537,6 +537,13 @@ def run_markdown(result: dict[str, Any]):
     what = "WiSE-FT weight" if recipe.get("mix") == "weights" else "output mix α"
     chosen = recipe.get("chosen_by", "validation")
     mix = f"; recipe `{recipe.get('name', 'alpha-mix')}`, {what} = {alpha:g} (chosen on {chosen})" if alpha is not None else ""
+    gate = recipe.get("gate")
+    if gate:
+        photos = f", {gate['selection_inside']:.1%} of the shift selection half" if "selection_inside" in gate else ""
+        mix += (
+            f"; in-domain gate: the mix applies only to images within the {gate['quantile']:.0%} quantile of validation "
+            f"Mahalanobis distances ({gate['val_inside']:.1%} of validation{photos}), all others get the base embedding"
+        )
     features = result.get("feature_seconds")
     feat = f"; frozen-tower features {features:.0f} s (cached, reused afterwards)" if features else ""
     return Markdown(

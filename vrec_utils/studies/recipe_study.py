@@ -12,6 +12,7 @@ The intervals are the evaluation package's paired bootstrap (:meth:`EvaluationRe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -131,9 +132,34 @@ class RecipeStudy:
     table: pd.DataFrame
     sides: pd.DataFrame  # both_sides rows of every recipe's model
     runs: dict[str, dict]
+    alpha_tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)  # each run's coefficient table (alpha.csv)
 
     def markdown_table(self) -> str:
         return self.table.to_markdown(index=False)
+
+
+def selection_gains(alpha_table: pd.DataFrame | None, coefficient: float | None) -> dict[str, float]:
+    """What chose ``coefficient``: its validation nDCG@5 gain and its selection-half change
+    (NaN when the run had no selection set), both against coefficient 0 (the base model)."""
+    out = {"val gain": float("nan"), "selection change": float("nan")}
+    if alpha_table is None or coefficient is None or alpha_table.empty:
+        return out
+    at = lambda column, a: alpha_table.loc[(alpha_table["alpha"] - a).abs() < 1e-9, column].item()
+    out["val gain"] = at("val_ndcg@5", coefficient) - at("val_ndcg@5", 0.0)
+    if "shift_select_ndcg@5" in alpha_table:
+        out["selection change"] = at("shift_select_ndcg@5", coefficient) - at("shift_select_ndcg@5", 0.0)
+    return out
+
+
+def choose_by_rule(table: pd.DataFrame, tolerance: float) -> str:
+    """The study's default: among recipes whose coefficient was chosen on the shift selection half
+    and loses at most ``tolerance`` there, the one with the best in-domain *validation* gain (ties:
+    the earlier row). Only validation and selection-half columns are read: never the evaluation
+    split's or the reported half's ("in-domain diff", "shift diff")."""
+    eligible = table[table["selection change"].notna() & (table["selection change"] >= -tolerance - 1e-12)]
+    if eligible.empty:
+        raise ValueError(f"no recipe chose its coefficient on the selection half within tolerance {tolerance:g}")
+    return str(eligible.loc[eligible["val gain"].idxmax(), "recipe"])
 
 
 def run_recipe_study(
@@ -150,17 +176,19 @@ def run_recipe_study(
 ) -> RecipeStudy:
     """Train (or reuse) every recipe on the same splits and seeds and measure both sides.
 
-    Table columns: recipe, coefficient (and what chose it), in-domain diff vs ``base_model`` with
-    its CI, shift diff (the shifted catalog's reported half) with its CI, training seconds."""
+    Table columns: recipe, coefficient (and what chose it), the validation gain and selection-half
+    change that chose it (:func:`selection_gains`), in-domain diff vs ``base_model`` with its CI,
+    shift diff (the shifted catalog's reported half) with its CI, training seconds."""
     config = config or FinetuneConfig()
     names = list(recipes or RECIPES)
-    models, runs, trained = {}, {}, {}
+    models, runs, alphas, trained = {}, {}, {}, {}
     for name in names:  # recipes that differ only in how the coefficient is chosen share one training
         recipe = recipe_config(name, config, shift_catalog)
         key = json.dumps(recipe.training_dict(), sort_keys=True)
         models[name] = ensure_finetuned(catalog, workdir, "mini-siglip", config=recipe, device=device, progress=progress, warm_start=trained.get(key))
         trained.setdefault(key, default_run_dir(workdir, catalog, "mini-siglip", recipe))
-        runs[name] = load_result(models[name])["result"]
+        loaded = load_result(models[name])
+        runs[name], alphas[name] = loaded["result"], loaded.get("alpha")
     sides = both_sides(catalog, workdir, list(models.values()), config=config, shift_catalog=shift_catalog, base_model=base_model, n_bootstrap=n_bootstrap, device=device)
     rows = []
     for name, model in models.items():
@@ -169,11 +197,15 @@ def run_recipe_study(
         recipe = runs[name].get("recipe", {})
         rows.append({
             "recipe": name, "mix": recipe.get("mix"), "coefficient": runs[name].get("alpha"), "chosen on": recipe.get("chosen_by"),
+            **selection_gains(alphas[name], runs[name].get("alpha")),
             "in-domain diff": inside["diff"], "in-domain CI": f"[{inside['ci_low']:+.4f}, {inside['ci_high']:+.4f}]",
             "shift diff": shift["diff"], "shift CI": f"[{shift['ci_low']:+.4f}, {shift['ci_high']:+.4f}]",
             "train s": runs[name]["train_seconds"], "verdict": verdict(mine),
         })  # fmt: skip
-    return RecipeStudy(pd.DataFrame(rows).round(4), sides, runs)
+    return RecipeStudy(pd.DataFrame(rows).round(4), sides, runs, {k: v for k, v in alphas.items() if v is not None})
 
 
-__all__ = ["DEFAULT_SHIFT_CATALOG", "HOLD_MARGIN", "RecipeStudy", "both_sides", "default_shift_catalog", "run_recipe_study", "sides_text", "verdict"]
+__all__ = [
+    "DEFAULT_SHIFT_CATALOG", "HOLD_MARGIN", "RecipeStudy", "both_sides", "choose_by_rule", "default_shift_catalog",
+    "run_recipe_study", "selection_gains", "sides_text", "verdict",
+]  # fmt: skip

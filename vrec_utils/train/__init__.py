@@ -36,6 +36,7 @@ from .loss import (
     PAPER_BIAS,
     PAPER_T_PRIME,
     SigmoidLoss,
+    l2_sp,
     sigmoid_loss,
     similarity_distillation,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "find_finetuned",
     "finetune",
     "interpolate_state",
+    "l2_sp",
     "label_ndcg",
     "load_result",
     "lr_factor",

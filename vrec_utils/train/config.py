@@ -15,8 +15,12 @@ SELECT_BY = ("val_ndcg", "val_loss", "last")
 LOSS_INIT = ("paper", "model")
 MIXES = ("output", "weights")  # output: alpha mix of embeddings; weights: WiSE-FT interpolation of the image head
 SELECT_ON = ("val", "shift")  # where the mix coefficient is chosen: in-domain validation, or a shifted selection set
+IMAGE_HEADS = ("residual", "diagonal")  # mini-siglip image head: x + W x + c (or low rank), or x * (1 + s) + c
+#: Fields added after runs were recorded: left out of :meth:`FinetuneConfig.to_dict` at their
+#: default, so the digest (the run folder and checkpoint identity) of earlier runs is unchanged.
+LATER_FIELDS = {"image_head": "residual", "l2sp": 0.0, "in_domain_gate": None}
 #: Fields used only after training, to choose and record the mix coefficient.
-SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance")
+SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance", "in_domain_gate")
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,13 @@ class FinetuneConfig:
     alpha_tolerance: float = 0.01  # smallest alpha whose val nDCG@5 is within this of the best
     # -- mini-siglip heads
     image_rank: int | None = None  # None: full-rank residual image head; else low rank
+    image_head: str = "residual"  # residual (full or low rank) | diagonal: a per-dimension scale and shift
     text_hidden: int | None = None  # None: linear text head; else MLP width
     # -- robustness recipe (mini-siglip; see vrec_utils.train.recipes)
     recipe: str = "alpha-mix"  # the recipe's name, recorded in the saved model
     mix: str = "output"  # output: alpha output mix; weights: WiSE-FT (image head update scaled by the coefficient)
     distill: float = 0.0  # weight of the in-batch image-image similarity distillation term (0: off)
+    l2sp: float = 0.0  # L2-SP weight: l2sp * ||theta - theta0||^2 over the image head's tensors (0: off)
     probe_epochs: int = 0  # first epochs train the text head only (image head stays the identity): LP-FT
     augment_views: int = 0  # precomputed photo-like augmented views per training image (0: off)
     augment_max_items: int | None = 3000  # training items that get augmented views (a seeded subset)
@@ -69,6 +75,7 @@ class FinetuneConfig:
     shift_group: str = "sender_id"  # the shifted catalog is split by this column into selection / reported halves
     shift_seed: int = 0
     shift_tolerance: float = 0.0  # coefficients may lose at most this much nDCG@5 on the selection half vs the base
+    in_domain_gate: float | None = None  # mix only images within this quantile of validation Mahalanobis distances; None: off
 
     def __post_init__(self) -> None:
         _choice("trainable", self.trainable, TRAINABLE)
@@ -77,11 +84,18 @@ class FinetuneConfig:
         _choice("loss_init", self.loss_init, LOSS_INIT)
         _choice("mix", self.mix, MIXES)
         _choice("select_on", self.select_on, SELECT_ON)
+        _choice("image_head", self.image_head, IMAGE_HEADS)
+        if self.image_head == "diagonal" and self.image_rank is not None:
+            raise ValueError("image_rank applies to the residual image head; image_head='diagonal' has no rank")
         if self.select_on == "shift" and not self.shift_catalog:
             raise ValueError("select_on='shift' needs shift_catalog (a shifted catalog with labels and a group column)")
+        if self.in_domain_gate is not None and not 0.0 < self.in_domain_gate <= 1.0:
+            raise ValueError(f"in_domain_gate is a quantile in (0, 1], got {self.in_domain_gate}")
+        if self.in_domain_gate is not None and self.mix != "output":
+            raise ValueError("in_domain_gate gates the output mix; it needs mix='output'")
         if self.mix == "weights" and self.alpha is not None:
             raise ValueError("alpha is the output mix; with mix='weights' the interpolation coefficient is chosen on selection")
-        for name in ("distill", "shift_tolerance"):
+        for name in ("distill", "l2sp", "shift_tolerance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("probe_epochs", "augment_views"):
@@ -116,7 +130,8 @@ class FinetuneConfig:
         parse_exclude(self.exclude)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "exclude": list(self.exclude)}
+        data = {**dataclasses.asdict(self), "exclude": list(self.exclude)}
+        return {k: v for k, v in data.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:

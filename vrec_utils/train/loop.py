@@ -304,8 +304,8 @@ def _train_epoch(epoch: int, opt: Optimisation, state: LoopState, rows: _Positio
             if img.shape[0] < 2:
                 continue  # a lone last pair has no negative
             loss = sigmoid_loss(img, txt, loss_fn.t_prime, loss_fn.bias, normalize=False)
-            if reg is not None:
-                loss = loss + config.distill * reg
+            if reg is not None:  # the recipe's regularisers, already weighted (PairModel.forward_train)
+                loss = loss + reg
             opt.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -342,12 +342,15 @@ def _finish(run: _Run, opt: Optimisation, state: LoopState, rows: _Positions, wa
     if best.state is not None:
         model.load_train_state(best.state)
         loss_fn.load_state_dict(best.loss_state)
+    gate = model.fit_gate(rows.train, rows.val)
     alpha, alpha_table = choose_alpha(model, rows.ndcg, rows.labels, config)
     model_dir = run.out / "model"
     hist = pd.DataFrame(state.history)
     steps = pd.DataFrame(state.steps, columns=["step", "epoch", "loss", "lr"])
     info = _run_info(run, opt, state, rows)
     info["recipe"] = recipe_record(config, alpha, model, len(rows.ndcg))
+    if gate is not None:
+        info["recipe"]["gate"] = gate
     model.save(model_dir, alpha=alpha, loss=loss_fn, extra={"base": run.base, "config": config.to_dict(), "run": info, "recipe": info["recipe"]})
     (model_dir / "config.json").write_text(json.dumps({"base": run.base, **config.to_dict()}, indent=2))
     run.pairs.save(model_dir / "split.json")
@@ -387,7 +390,8 @@ def recipe_record(config: FinetuneConfig, coefficient: float | None, model: Pair
     in_domain = {"catalog": "validation part of the train split", "n_items": n_val, "label": config.label}
     chose = "fixed by config.alpha" if config.alpha is not None else ("shift selection half + validation" if model.selection else "validation")
     return {
-        "name": config.recipe, "mix": config.mix, "coefficient": coefficient, "distill": config.distill,
+        "name": config.recipe, "mix": config.mix, "coefficient": coefficient, "distill": config.distill, "l2sp": config.l2sp,
+        "image_head": config.image_head, "image_rank": config.image_rank, "shift_tolerance": config.shift_tolerance,
         "probe_epochs": config.probe_epochs, "augment_views": config.augment_views, "chosen_by": chose,
         "selection": {"in_domain": in_domain, **({"shift": model.selection.describe()} if model.selection else {})},
     }  # fmt: skip

@@ -72,3 +72,17 @@ def similarity_distillation(tuned: torch.Tensor, base: torch.Tensor) -> torch.Te
     diff = tuned @ tuned.T - base @ base.T
     off = ~torch.eye(n, dtype=torch.bool, device=tuned.device)
     return diff[off].pow(2).mean()
+
+
+def l2_sp(params: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-SP (Li et al. 2018): the squared distance of ``params`` from their starting point,
+    ``sum_k ||params[k] - initial[k]||^2`` over the keys of ``params`` (``initial`` carries no
+    gradient). On mini-SigLIP's image head, which starts as the identity, it pulls the tuned
+    model back toward the base model (for the low-rank head's random ``down`` matrix, toward its
+    initial values rather than toward zero)."""
+    missing = sorted(set(params) - set(initial))
+    if missing:
+        raise ValueError(f"no starting value for {', '.join(missing)}")
+    if not params:
+        raise ValueError("l2_sp needs at least one tensor")
+    return sum((p - initial[k].detach().to(p)).pow(2).sum() for k, p in params.items())

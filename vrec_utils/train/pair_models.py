@@ -42,11 +42,12 @@ from ..models.local import (
 )
 from .config import FinetuneConfig
 from .embed import extract_finetuned_embeddings
-from .loss import SigmoidLoss, similarity_distillation
+from .loss import SigmoidLoss, l2_sp, similarity_distillation
 from .pairs import PairSet, title_series
 from .recipes import (
     SelectionSet,
     augmented_features,
+    fit_in_domain_gate,
     interpolate_state,
     load_selection_set,
     wise_ft_heads,
@@ -73,11 +74,16 @@ class PairModel(ABC):
         """Normalised (image, text) embeddings of a batch."""
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A training step's (image, text) embeddings and its regulariser (None: no recipe term)."""
+        """A training step's (image, text) embeddings and its weighted regulariser, added to the
+        loss as it is (None: no recipe term)."""
         return (*self.forward(batch), None)
 
     def start_epoch(self, epoch: int) -> None:
         """Called before each training epoch (recipes with phases switch parameters here)."""
+
+    def fit_gate(self, train_pos: np.ndarray, val_pos: np.ndarray) -> dict[str, Any] | None:
+        """After training: fit the in-domain gate of a recipe that has one; what it recorded, or None."""
+        return None
 
     #: the shifted selection set that chooses the coefficient (recipes with ``select_on="shift"``)
     selection: SelectionSet | None = None
@@ -161,7 +167,7 @@ class MiniSiglipPairs(PairModel):
         if start_from is not None:
             heads, _ = ms.load_heads(ms.resolve_model_dir(start_from), ms.read_model_json(start_from))
         else:
-            spec = ms.HeadSpec(ms.IMAGE_DIM, ms.TEXT_DIM, config.image_rank, config.text_hidden)
+            spec = ms.HeadSpec(ms.IMAGE_DIM, ms.TEXT_DIM, config.image_rank, config.text_hidden, config.image_head)
             heads = ms.MiniSiglipHeads(spec, seed=config.seed)
         if heads.spec.image_dim != self.x.shape[1] or heads.spec.text_dim != self.t.shape[1]:
             raise ValueError(
@@ -203,8 +209,9 @@ class MiniSiglipPairs(PairModel):
 
     def forward_train(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """With augmented views, each training image is one of its views, drawn uniformly (the
-        original included) from the torch RNG the loop seeds per epoch; with ``distill``, the
-        regulariser compares the tuned similarities with the base features' (the base model)."""
+        original included) from the torch RNG the loop seeds per epoch. The regulariser is
+        ``distill`` times the similarity distillation against the base features (the base model)
+        plus ``l2sp`` times the image head's squared distance from its initial (identity) weights."""
         x = self.x[batch]
         if self.views is not None:
             n_views = self.n_views[batch]
@@ -214,14 +221,37 @@ class MiniSiglipPairs(PairModel):
                 x = x.clone()
                 x[use] = self.views[batch[use], pick[use] - 1]
         img = self.heads.tuned_image(x)
-        reg = similarity_distillation(img, x) if self.config.distill > 0 else None
-        return img, self.heads.text(self.t[batch]), reg
+        terms = []
+        if self.config.distill > 0:
+            terms.append(self.config.distill * similarity_distillation(img, x))
+        if self.config.l2sp > 0:
+            head = {f"image_head.{k}": v for k, v in self.heads.image_head.named_parameters()}
+            terms.append(self.config.l2sp * l2_sp(head, self.initial_state))
+        return img, self.heads.text(self.t[batch]), sum(terms) if terms else None
 
     def start_epoch(self, epoch: int) -> None:
         """LP-FT: during the first ``probe_epochs`` only the text head trains."""
         probing = epoch <= self.config.probe_epochs
         for param in self.heads.image_head.parameters():
             param.requires_grad_(not probing)
+
+    def fit_gate(self, train_pos: np.ndarray, val_pos: np.ndarray) -> dict[str, Any] | None:
+        """``in_domain_gate``: fit on the training rows' features, threshold on the validation rows'."""
+        quantile = self.config.in_domain_gate
+        if quantile is None:
+            return None
+        train = self.x[torch.as_tensor(train_pos, dtype=torch.long, device=self.device)]
+        val = self.x[torch.as_tensor(val_pos, dtype=torch.long, device=self.device)]
+        mean, precision, threshold = fit_in_domain_gate(train, val, quantile)
+        self.heads.set_gate(mean, precision, threshold)
+        with torch.no_grad():
+            info = {
+                "quantile": quantile, "threshold": threshold, "fitted_on": "training part of the train split",
+                "threshold_on": "validation part of the train split", "val_inside": float(self.heads.gate(val).mean()),
+            }  # fmt: skip
+            if self.selection is not None:
+                info["selection_inside"] = float(self.heads.gate(self.selection.features).mean())
+        return info
 
     def embed_features(self, x: torch.Tensor, coefficient: float) -> torch.Tensor:
         """Served image embeddings of features ``x`` at mix ``coefficient`` (``config.mix``):
@@ -451,7 +481,9 @@ def create_pair_model(
             "sigmoid loss; use a vision-language base: mini-siglip (offline), siglip-base, an openclip:... model, "
             "or tiny-siglip / tiny-openclip for tests"
         )
-    recipe = {"mix": config.mix != "output", "distill": config.distill > 0, "probe_epochs": config.probe_epochs > 0,
+    recipe = {"mix": config.mix != "output", "distill": config.distill > 0, "l2sp": config.l2sp > 0,
+              "image_head": config.image_head != "residual", "in_domain_gate": config.in_domain_gate is not None,
+              "probe_epochs": config.probe_epochs > 0,
               "augment_views": config.augment_views > 0, "select_on": config.select_on != "val"}  # fmt: skip
     if any(recipe.values()):
         raise ValueError(

@@ -8,6 +8,10 @@ A recipe is a set of :class:`~vrec_utils.train.config.FinetuneConfig` fields (:d
   :func:`interpolate_state`, so coefficient 0 is the base model and 1 the tuned model exactly;
 * ``distill``: :func:`~vrec_utils.train.loss.similarity_distillation`, keeping the tuned in-batch
   image-image similarities close to the base model's;
+* ``l2sp``: :func:`~vrec_utils.train.loss.l2_sp` (Li et al. 2018), pulling the image head's
+  weights toward their initial (identity) values;
+* ``image_rank`` / ``image_head="diagonal"``: low-capacity image heads (``x + B A x``, or a
+  per-dimension scale ``x * (1 + s) + c``), both the identity at start;
 * ``probe_epochs``: linear-probe-then-fine-tune: the text head first learns to meet the frozen
   (identity) image head, then both train;
 * ``augment_views``: photo-like augmentations (:func:`photo_augment`: backdrop, light, crop,
@@ -15,6 +19,9 @@ A recipe is a set of :class:`~vrec_utils.train.config.FinetuneConfig` fields (:d
   cache (:func:`augmented_features`), so no tower runs during training;
 * ``select_on="shift"``: the coefficient is chosen on the *selection half* of a shifted catalog
   (:func:`shift_halves`, split by ``sender_id``); the other half is the one to report on.
+  ``shift_tolerance``: how much nDCG@5 a coefficient may lose there against the base;
+* ``in_domain_gate``: :func:`fit_in_domain_gate`, the output mix served only to images within the
+  training distribution (Mahalanobis distance), the base embedding to all others.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from .config import FinetuneConfig
 
 AUGMENT_VERSION = "photo-augment-v1"  # bump when photo_augment changes: the augmented catalog's folder name
 
+ROUND2_TOLERANCE = 0.005  # nDCG@5 a round-2 coefficient may lose on the selection half (half of the 0.01 hold margin)
+_ROUND2 = {"select_on": "shift", "shift_tolerance": ROUND2_TOLERANCE}
+_GATE = {"in_domain_gate": 0.99}  # the output mix for images within the 99th percentile of validation distances
+
 #: The recipes of the study (``benchmarks/bench_finetune_recipes.py``): FinetuneConfig overrides.
 #: ``{shift}`` stands for the shifted catalog's path.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -53,14 +64,29 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill": {"distill": 1.0},
     "augment": {"augment_views": 1},
     "distill-augment-wise-ft-shift": {"distill": 1.0, "augment_views": 1, "mix": "weights", "select_on": "shift"},
+    # Round 2 (benchmarks/results/finetune_recipes_round2.md): every candidate chooses its output mix
+    # on the selection half with ROUND2_TOLERANCE, and every training is measured with and without
+    # the in-domain gate; the study's default is the best validation gain among them. (The diagonal
+    # and low-rank heads and distillation at weight 10 were planned but not run in the time: not here.)
+    "alpha-mix-shift-tol": {**_ROUND2},
+    "lp-ft-shift": {**_ROUND2, "probe_epochs": 3},
+    "l2sp-shift": {**_ROUND2, "l2sp": 1e-3},
+    "distill3-augment-shift": {**_ROUND2, "distill": 3.0, "augment_views": 1},
+    "gated-alpha-mix-shift": {**_ROUND2, **_GATE},
+    "gated-lp-ft-shift": {**_ROUND2, **_GATE, "probe_epochs": 3},
+    "gated-l2sp-shift": {**_ROUND2, **_GATE, "l2sp": 1e-3},
+    "gated-distill3-augment-shift": {**_ROUND2, **_GATE, "distill": 3.0, "augment_views": 1},
 }
 
-#: The recipe ``vrec finetune --base mini-siglip`` uses. From the study at the default 30 epochs
-#: (benchmarks/results/finetune_recipes_30epochs.md): "alpha-mix" gains +0.025 in-domain and loses
-#: -0.017 on clothing-dev's reported half; "alpha-mix-shift" keeps only alpha = 0, i.e. the base
-#: model (no gain, no loss). No recipe yet does both, so the default stays the in-domain output mix
-#: and every run prints both sides; choose "alpha-mix-shift" to hold under shift.
-DEFAULT_RECIPE = "alpha-mix"
+#: The recipe ``vrec finetune --base mini-siglip`` uses, chosen by the round-2 study's stated rule
+#: (benchmarks/results/finetune_recipes_round2.md: per recipe the coefficient with the best in-domain
+#: validation nDCG@5 among those losing at most 0.005 on clothing-dev's selection half, then the
+#: recipe with the best validation gain; the evaluation split and the reported half never choose).
+#: Measured once afterwards: +0.024 [+0.018, +0.031] nDCG@5 in-domain (short of the +0.03 target),
+#: +0.001 [+0.000, +0.003] on clothing-dev's reported half (holds: its in-domain gate serves the
+#: base embedding to 608 of those 610 photos). Without a shift catalog the coefficient falls back to
+#: in-domain validation (``recipe_config(..., fallback=True)``); the gate still applies.
+DEFAULT_RECIPE = "gated-distill3-augment-shift"
 
 
 def recipe_config(
@@ -205,6 +231,25 @@ def augmented_features(
         if names:
             out[item_id] = np.asarray(emb.vectors_for(names), dtype=np.float32)
     return out
+
+
+# ------------------------------------------------------------------------ in-domain gate
+
+
+def fit_in_domain_gate(train: torch.Tensor, val: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, precision, threshold) of an in-domain gate: a Ledoit-Wolf shrunk Gaussian fitted to
+    the ``train`` features, and the ``quantile`` of the squared Mahalanobis distances of the held-out
+    ``val`` features (training features sit closer than new in-domain ones would)."""
+    from sklearn.covariance import LedoitWolf  # ~1 s to import; only gated runs need it
+
+    if len(train) < 2 or len(val) < 1:
+        raise ValueError(f"the in-domain gate needs >= 2 training and >= 1 validation features, got {len(train)} and {len(val)}")
+    fit = LedoitWolf().fit(train.detach().cpu().double().numpy())
+    mean = torch.from_numpy(fit.location_).float()
+    precision = torch.from_numpy(fit.precision_).float()
+    centred = val.detach().cpu().float() - mean
+    distances = ((centred @ precision) * centred).sum(dim=-1).double().numpy()
+    return mean, precision, float(np.quantile(distances, quantile))
 
 
 # ------------------------------------------------------------------ shifted selection set
