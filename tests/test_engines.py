@@ -88,6 +88,19 @@ def test_transforms_that_are_not_the_known_shape_stay_whole():
     assert split_transform(tensor_step) is None
 
 
+@pytest.mark.parametrize("name", ["tiny-siglip", "tiny-openclip", "minilm"])
+def test_token_path_is_encode_text_split_in_two(name):
+    """What a text engine runs (tokenize in Python, encode_tokens on tensors) is encode_text."""
+    embedder = built(name, "random" if name == "minilm" else None)
+    texts = ["red dress", "men's black leather lace-up shoes with a rubber sole", "watch"]
+    tokens = embedder.tokenize(texts)
+    assert embedder.has_token_path and all(t.dtype in (torch.int64, torch.int32) and len(t) == 3 for t in tokens.values())
+    if embedder.text_length is not None:  # trained on a fixed padded length: every batch has it
+        assert {t.shape[1] for t in tokens.values()} == {embedder.text_length}
+    with torch.inference_mode():
+        assert torch.equal(embedder.encode_tokens(tokens), embedder.encode_text(texts))
+
+
 # ---------------------------------------------------------------------------------------- selection
 def test_without_openvino_auto_runs_torch_and_openvino_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(engines, "openvino_module", lambda: None)
