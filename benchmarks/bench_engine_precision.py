@@ -112,8 +112,8 @@ def main() -> None:
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     frame.insert(0, "cpu", cpu_line())
     frame["inputs"], frame["note"] = args.n, args.note
-    RESULTS.mkdir(exist_ok=True)
     out = args.out or RESULTS / f"engine-precision-{platform.node() or 'host'}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     print(f"saved {out}")
 

@@ -5,7 +5,10 @@ pick one and say why in one line.
 Precision on OpenVINO: ``auto`` is f32. Its bf16 hint missed the issue's bar (cosine 0.999 to
 torch fp32) on real efficientnet-lite0 weights (min 0.982 on 1,024 fashion-small images; torch's
 own bf16: 0.984), so it runs only when asked for (``--precision bf16``), and the engine's reason
-then states the min cosine to torch fp32 measured on the run's own check inputs.
+then states the min cosine to torch fp32 measured on the run's own check inputs. On the Xeon
+measured (avx512_bf16, no AMX) f32 costs no speed: OpenVINO f32 ran faster than its bf16 and than
+torch's best for efficientnet-lite0, ResNet50, SigLIP-B/16 and MiniLM
+(benchmarks/results/engine-precision-*.txt, benchmarks/bench_engine_precision.py).
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def _openvino_reason(name: str, precision: str, engine: OpenVINOEngine | OpenVIN
     why = "asked for" if name == "openvino" else "auto, CPU with OpenVINO installed"
     if engine.hint == "bf16":
         bar = "within" if engine.check_cosine >= F32_BAR else "below"
-        why += f"; bf16 asked for: min cosine {engine.check_cosine:.4f} to torch fp32 on the check inputs ({bar} the {F32_BAR} bar)"
+        why += f"; bf16 (asked for, or the catalog's precision): min cosine {engine.check_cosine:.4f} to torch fp32 on the check inputs ({bar} the {F32_BAR} bar)"
     elif precision == "bf16":
         why += "; f32: this CPU has no bf16"
     elif precision == "auto":
