@@ -6,9 +6,9 @@ Precision on OpenVINO: ``auto`` is f32. Its bf16 hint missed the issue's bar (co
 torch fp32) on real efficientnet-lite0 weights (min 0.982 on 1,024 fashion-small images; torch's
 own bf16: 0.984), so it runs only when asked for (``--precision bf16``), and the engine's reason
 then states the min cosine to torch fp32 measured on the run's own check inputs. On the Xeon
-measured (avx512_bf16, no AMX) f32 costs no speed: OpenVINO f32 ran faster than its bf16 and than
-torch's best for efficientnet-lite0, ResNet50, SigLIP-B/16 and MiniLM
-(benchmarks/results/engine-precision-*.txt, benchmarks/bench_engine_precision.py).
+measured (avx512_bf16, no AMX) f32 costs no speed: OpenVINO f32 ran faster than torch's best for
+efficientnet-lite0, ResNet50, SigLIP-B/16 and MiniLM, and faster than its own bf16 (SigLIP-B/16:
+about as fast) (benchmarks/results/engine-precision-*.txt, benchmarks/bench_engine_precision.py).
 """
 
 from __future__ import annotations
