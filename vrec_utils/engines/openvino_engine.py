@@ -19,10 +19,13 @@ cosine is kept in ``check_cosine`` and said in the engine's reason, because bf16
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -101,10 +104,11 @@ class _OpenVINOTower:
         core = self.ov.Core()
         config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(self.directory / "compiled")}
         try:
-            self.compiled = core.compile_model(core.read_model(self.directory / "model.xml"), "CPU", config)
+            with signal_stack_kept():
+                self.compiled = core.compile_model(core.read_model(self.directory / "model.xml"), "CPU", config)
+                self.request = self.compiled.create_infer_request()
         except RuntimeError as exc:
             raise ExportError(f"OpenVINO could not compile {self.embedder.name}: {str(exc).splitlines()[0]}") from exc
-        self.request = self.compiled.create_infer_request()
 
     def _record(self) -> dict:
         return {
@@ -174,6 +178,42 @@ class OpenVINOTextEngine(_OpenVINOTower):
         inputs = {i: np.ascontiguousarray(tokens[name].numpy(), dtype=self.dtypes[name]) for i, name in enumerate(self.names)}
         result = self.request.infer(inputs)
         return torch.from_numpy(np.array(result[0], dtype=np.float32))
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2  # <signal.h>, Linux
+
+
+@contextlib.contextmanager
+def signal_stack_kept():
+    """Give the calling thread back its own alternate signal stack after OpenVINO work.
+
+    OpenVINO's CPU plugin (2026.4) installs an alternate signal stack of its own (11.8 KB, mmap)
+    on the thread that compiles a model, and puts back the one it saw when that model is freed;
+    with several models alive, freed in any order, the thread keeps one of OpenVINO's stacks.
+    The crash that kept the OpenVINO tests in a process of their own has the signature of a
+    signal delivered onto a stack that is gone: SIGSEGV with si_code SI_KERNEL in the main
+    thread, inside wait4 (joining a DataLoader worker, whose exit sends SIGCHLD; Python's handlers
+    use SA_ONSTACK), with no faulthandler output (its handler needs that stack too). Putting the
+    thread's stack back at once means every stack OpenVINO saves and restores is this thread's own
+    (faulthandler's, or none), which stays valid for the life of the process.
+    """
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    saved = _SignalStack()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        current = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(current))
+        if (current.ss_sp, current.ss_size, current.ss_flags & SS_DISABLE) != (saved.ss_sp, saved.ss_size, saved.ss_flags & SS_DISABLE):
+            saved.ss_flags &= SS_DISABLE  # the only flag sigaltstack takes when setting
+            libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def convert(ov, module: torch.nn.Module, example: tuple[torch.Tensor, ...], shapes: list[list[int]]):
