@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_extract import SmallConvEmbedder
 
+from test_extract import SmallConvEmbedder
 from vrec_utils import engines
 from vrec_utils.catalog import load_catalog
 from vrec_utils.engines import select_engine, select_text_engine
