@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .catalog import Catalog
-from .engines import TorchEngine, autocast_context, resolve_precision, select_engine
+from .engines import TorchEngine, select_engine, select_text_engine
 from .image_files import FilesystemUnavailableError
 from .images import ImageLoadError, load_rgb, split_transform
 from .models.base import Embedder
@@ -146,7 +146,8 @@ def extract_image_embeddings(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not embedder.has_image:
         raise ValueError(f"model {embedder.name!r} has no image tower; use it for text (--text)")
-    chosen = select_engine(engine, embedder, precision, workdir)
+    check = check_pixels(catalog.items["image"], embedder) if engine != "torch" else None
+    chosen = select_engine(engine, embedder, precision, workdir, check=check)
     if runner is not None and chosen.name != "torch":
         raise ValueError(f"a custom runner (e.g. --runner ray) runs the torch engine only, not {chosen.name}; use --engine torch")
     identity = {**embedder.identity(), **chosen.identity()}
@@ -261,6 +262,20 @@ def encode_batch(engine: TorchEngine, pixels: torch.Tensor, normalize: bool) -> 
     return features.cpu().numpy()
 
 
+def check_pixels(paths: pd.Series, embedder: Embedder, n: int = 8) -> torch.Tensor | None:
+    """Up to ``n`` readable catalog images through the model's transform: the real inputs a
+    non-torch engine is checked on against torch fp32 (None when none of the first 4n reads)."""
+    pixels = []
+    for path in paths.iloc[: 4 * n]:
+        try:
+            pixels.append(embedder.image_transform(load_rgb(path)))
+        except (ImageLoadError, OSError, ValueError, RuntimeError):
+            continue
+        if len(pixels) == n:
+            break
+    return torch.stack(pixels) if pixels else None
+
+
 def extract_text_embeddings(
     catalog: Catalog,
     embedder: Embedder,
@@ -269,36 +284,39 @@ def extract_text_embeddings(
     column: str = "title",
     batch_size: int = 128,
     precision: str = "fp32",
+    engine: str = "torch",
     normalize: bool = True,
     progress: bool = True,
 ) -> ExtractResult:
-    """Embed a text column (titles by default); empty texts are skipped and reported."""
+    """Embed a text column (titles by default); empty texts are skipped and reported. ``engine``:
+    torch, openvino or auto (:func:`vrec_utils.engines.select_text_engine`); a non-torch engine's
+    vectors live under their own cache key."""
     catalog.require_column(column)
     if not embedder.has_text:
         embedder.encode_text([])  # raises TextNotSupportedError with the explanation
-    precision = resolve_precision(precision, embedder.device)
+    texts = catalog.items[column].astype(str).str.strip()
+    check = texts[texts != ""].iloc[:16].tolist() if engine != "torch" else None
+    chosen = select_text_engine(engine, embedder, precision, workdir, check=check)
     with EmbeddingCache.open(
-        workdir, catalog, embedder.identity(), precision=precision, normalized=normalize,
+        workdir, catalog, {**embedder.identity(), **chosen.identity()}, precision=chosen.precision, normalized=normalize,
         modality="text", source_column=column,
     ) as cache:
-        texts = catalog.items[column].astype(str).str.strip()
         todo = texts.loc[_todo(texts, cache)]
         skipped = {i: f"empty {column}" for i in texts.index[texts == ""]}
         todo = todo[todo != ""]
         start = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"embed {embedder.name} text", unit="text", disable=not progress, file=sys.stderr)
-        with torch.inference_mode(), autocast_context(precision, embedder.device), bar:  # bar: closed on errors too
+        with bar:  # closed on errors too
             for begin in range(0, len(todo), batch_size):
                 batch = todo.iloc[begin : begin + batch_size]
-                features = embedder.encode_text(batch.tolist()).float()
+                features = chosen.encode_texts(batch.tolist())
                 if normalize:
                     features = torch.nn.functional.normalize(features, dim=-1)
                 cache.append(batch.index.tolist(), features.cpu().numpy())
                 bar.update(len(batch))
-        bar.close()
         seconds = time.perf_counter() - start
         cache.write_skipped({**catalog.report.refused_rows(), **skipped})
-        cache.consolidate()
+        cache.consolidate(extra={"engine": chosen.name, "engine_reason": chosen.reason})
         embeddings = cache.load()
     return ExtractResult(
         embeddings=embeddings,
@@ -307,6 +325,8 @@ def extract_text_embeddings(
         n_cached=len(texts) - len(todo) - len(skipped),
         n_new=len(todo),
         skipped=cache.skipped(),
-        precision=precision,
+        precision=chosen.precision,
         seconds=seconds,
+        engine=chosen.name,
+        engine_reason=chosen.reason,
     )

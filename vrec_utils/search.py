@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .catalog import Catalog
-from .engines import autocast_context, select_engine
+from .engines import autocast_context, select_engine, select_text_engine
 from .images import ImageLoadError, load_rgb
 from .index import VectorIndex, build_index
 from .models.base import Embedder, TextNotSupportedError
@@ -114,9 +114,9 @@ def search_by_image(
         with autocast_context(precision, embedder.device):  # queries in the catalog's precision
             vectors = embedder.embed_images(pictures)
     else:
-        runner = select_engine(engine, embedder, precision, workdir)
-        print(f"engine: {runner.reason}", file=sys.stderr)
         pixels = torch.stack([embedder.image_transform(picture) for picture in pictures])
+        runner = select_engine(engine, embedder, precision, workdir, check=pixels)
+        print(f"engine: {runner.reason}", file=sys.stderr)
         vectors = torch.nn.functional.normalize(runner.encode_images(pixels), dim=-1).numpy()
     return _search_frame(index, vectors, k, filters, catalog, "query_image", names)
 
@@ -135,10 +135,12 @@ def search_by_text(
     backend: str = "faiss",
     index: VectorIndex | None = None,
     allow_partial: bool = False,
+    engine: str = "torch",
     **index_config: Any,
 ) -> pd.DataFrame:
     """Text-to-image search (vision-language models: SigLIP, open_clip, mini-siglip): the ``k``
-    catalog images closest to each text. Image-only models raise ``TextNotSupportedError``."""
+    catalog images closest to each text. Image-only models raise ``TextNotSupportedError``.
+    ``engine`` (torch, openvino, auto) embeds the texts; which one ran and why goes to stderr."""
     queries = _as_list(texts, "texts")
     if any(not q.strip() for q in queries):
         raise ValueError("query texts must not be empty")
@@ -150,8 +152,13 @@ def search_by_text(
     index = _index(index, workdir, catalog, model, backend, index_config, allow_partial)
     embedder = _embedder(embedder, model, weights, device)
     precision = _check_same_weights(embedder, workdir, catalog, model)
-    with autocast_context(precision, embedder.device):  # queries in the catalog's precision
-        vectors = embedder.embed_texts(queries)
+    if engine == "torch":
+        with autocast_context(precision, embedder.device):  # queries in the catalog's precision
+            vectors = embedder.embed_texts(queries)
+    else:
+        runner = select_text_engine(engine, embedder, precision, workdir, check=queries)
+        print(f"engine: {runner.reason}", file=sys.stderr)
+        vectors = torch.nn.functional.normalize(runner.encode_texts(queries), dim=-1).numpy()
     return _search_frame(index, vectors, k, filters, catalog, "query_text", queries)
 
 

@@ -12,7 +12,6 @@ from ..extract import extract_image_embeddings, extract_text_embeddings
 from ..models import create_embedder
 from ..runners import RUNNERS, RayOptions, ray_runner
 from ._common import (
-    UserError,
     add_catalog_args,
     add_model_args,
     non_negative_int,
@@ -35,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 where the hardware runs it natively")
     p.add_argument(
         "--engine", choices=ENGINES, default="torch",
-        help="inference engine for images: torch, openvino (CPU; pip install 'vrec[openvino]') or auto "
+        help="inference engine for images or texts: torch, openvino (CPU; pip install 'vrec[openvino]') or auto "
         "(OpenVINO when installed and the model exports, torch otherwise); each engine has its own cache",
     )
     p.add_argument("--no-normalize", action="store_true", help="keep raw vectors instead of L2-normalising them")
@@ -51,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
     runner = _runner(args)
     embedder = create_embedder(args.model, weights=args.weights, device=args.device)
     if args.text:
-        if args.engine == "openvino":
-            raise UserError("--engine openvino runs image towers only for now; drop --engine (or use torch) with --text")
-        result = extract_text_embeddings(catalog, embedder, args.workdir, column=args.text, normalize=not args.no_normalize)
+        precision = "fp32" if args.precision == "auto" else args.precision  # texts: fp32 unless asked (cheap next to images)
+        result = extract_text_embeddings(
+            catalog, embedder, args.workdir, column=args.text, precision=precision, engine=args.engine, normalize=not args.no_normalize
+        )
     else:
         result = extract_image_embeddings(
             catalog, embedder, args.workdir, batch_size=args.batch_size, num_workers=args.workers,

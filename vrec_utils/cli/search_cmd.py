@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--image", action="append", type=str, metavar="PATH|URI", help="query image file or URI (s3://, gs://, file://; repeat for several)")
     what.add_argument("--text", action="append", metavar="TEXT", help='query text, e.g. "red summer dress" (repeat for several)')
     s.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
-    s.add_argument("--engine", choices=ENGINES, default="torch", help="engine that embeds query images: torch, openvino (CPU) or auto")
+    s.add_argument("--engine", choices=ENGINES, default="torch", help="engine that embeds the query images or texts: torch, openvino (CPU) or auto")
     s.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE", help="keep only items with this label value (repeatable)")
     add_backend_args(s)
     s.add_argument("--json", action="store_true", help="print the results as JSON records")
@@ -71,9 +71,7 @@ def run_search(args: argparse.Namespace) -> int:
     common = dict(weights=args.weights, device=args.device, filters=filters or None, backend=args.backend, allow_partial=args.allow_partial, **config)
     if args.image:
         frame = search_by_image(catalog, args.workdir, args.model, args.image, args.k, engine=args.engine, **common)
-    elif args.engine == "openvino":
-        raise UserError("vrec search --text: --engine openvino runs image towers only for now; drop --engine")
     else:
-        frame = search_by_text(catalog, args.workdir, args.model, args.text, args.k, **common)
+        frame = search_by_text(catalog, args.workdir, args.model, args.text, args.k, engine=args.engine, **common)
     print_frame(frame, as_json=args.json)
     return 0

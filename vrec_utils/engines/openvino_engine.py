@@ -1,30 +1,52 @@
-"""The OpenVINO inference engine for CPUs (optional extra ``vrec[openvino]``).
+"""The OpenVINO inference engine for CPUs (optional extra ``vrec[openvino]``): image towers
+(pixels -> vectors) and text towers (token ids -> vectors).
 
-The image tower is converted from the torch module once (``openvino.convert_model`` with an
-example batch), saved as IR under ``<workdir>/engines/openvino/<model>-<key>/`` (the key: weights,
-preprocessing, input shape, precision and OpenVINO version), and compiled with OpenVINO's own
+A tower is converted from the torch module once (``openvino.convert_model`` with an example
+input), saved as IR under ``<workdir>/engines/openvino/<model>[-text]-<key>/`` (the key: weights,
+preprocessing, input shapes, precision and OpenVINO version), and compiled with OpenVINO's own
 compiled-model cache (``CACHE_DIR``) in the same folder: a second run reads both instead of
 converting and compiling again; other weights get another key, so another folder.
+
+Text inputs: towers trained on a fixed padded length (SigLIP, open_clip: ``text_length``) keep
+it, so the IR has one static sequence axis and the ids are those torch sees; attention-masked
+towers (MiniLM) get a dynamic sequence axis, because a batch of product titles is ~10-20 tokens
+where a fixed 256 would cost >10x the arithmetic for the same vectors.
+
+Every compile is checked against torch fp32 on inputs the conversion did not see (real images or
+texts where the caller gives them): cosine >= 0.999 in f32; under the bf16 hint the measured
+cosine is kept in ``check_cosine`` and said in the engine's reason, because bf16 is opt-in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..models.base import Embedder
 from ..store import slugify
-from .torch_engine import EncodeImage
+from .torch_engine import EncodeImage, EncodeTokens
 
 INSTALL = "pip install 'vrec[openvino]'  (or: pip install openvino)"
+#: the cosine to torch fp32 every f32 compile must keep, and the floor below which a bf16
+#: compile counts as a broken conversion rather than bf16 rounding (real efficientnet-lite0
+#: weights on real images: 0.98 under bf16 in OpenVINO and in torch alike)
+F32_BAR, BF16_FLOOR = 0.999, 0.95
+#: texts the text towers are traced with (of different lengths, so attention masks hold padding)
+EXAMPLE_TEXTS = ("red dress", "men's black leather lace-up shoes with a rubber sole", "blue denim jacket")
+PROBE_TEXTS = ("white cotton t-shirt", "gold watch", "women's floral summer skirt, knee length", "kids sandals")
 
 
 class ExportError(RuntimeError):
@@ -48,29 +70,26 @@ def inference_precision(ov, precision: str) -> str:
     return "bf16" if "BF16" in capabilities else "f32"
 
 
-class OpenVINOEngine:
-    name = "openvino"
+class _OpenVINOTower:
+    """What the image and text engines share: the keyed folder, export, compile and the check."""
 
-    def __init__(self, embedder: Embedder, precision: str, example: torch.Tensor, cache_root: Path, reason: str) -> None:
-        ov = openvino_module()
-        if ov is None:
+    name = "openvino"
+    tower = "image"
+
+    def __init__(self, embedder: Embedder, precision: str, cache_root: Path, reason: str) -> None:
+        self.ov = openvino_module()
+        if self.ov is None:
             raise ExportError(f"OpenVINO is not installed; {INSTALL}")
         self.embedder = embedder
-        self.precision = precision
-        self.hint = inference_precision(ov, precision)
+        self.hint = inference_precision(self.ov, precision)
+        self.precision = "bf16" if self.hint == "bf16" else "fp32"
         self.reason = reason
-        self.directory = engine_directory(cache_root, embedder, self.hint, tuple(example.shape[1:]), ov.__version__)
+        self.check_cosine = float("nan")
+        self.directory = engine_directory(cache_root, embedder, self.hint, self.input_key(), self.ov.__version__, self.tower)
         self.reused = (self.directory / "model.xml").is_file() and (self.directory / "model.bin").is_file()
-        if not self.reused:
-            self._export(ov, example)
-        core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(self.directory / "compiled")}
-        try:
-            self.compiled = core.compile_model(core.read_model(self.directory / "model.xml"), "CPU", config)
-        except RuntimeError as exc:
-            raise ExportError(f"OpenVINO could not compile {embedder.name}: {str(exc).splitlines()[0]}") from exc
-        self.request = self.compiled.create_infer_request()
-        self._check(example)
+
+    def input_key(self) -> Any:
+        raise NotImplementedError
 
     def identity(self) -> dict:
         return {"engine": "openvino", "inference_precision": self.hint}
@@ -78,56 +97,156 @@ class OpenVINOEngine:
     def describe(self) -> str:
         return f"openvino {self.hint} ({'compiled model reused' if self.reused else 'exported'} from {self.directory})"
 
+    def _build(self, module: torch.nn.Module, example: tuple[torch.Tensor, ...], shapes: list[list[int]]) -> None:
+        """Convert (unless the folder holds the IR already), compile, and keep an infer request."""
+        if not self.reused:
+            save_ir(self.ov, convert(self.ov, module, example, shapes), self.directory, self._record())
+        core = self.ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(self.directory / "compiled")}
+        try:
+            with signal_stack_kept():
+                self.compiled = core.compile_model(core.read_model(self.directory / "model.xml"), "CPU", config)
+                self.request = self.compiled.create_infer_request()
+        except RuntimeError as exc:
+            raise ExportError(f"OpenVINO could not compile {self.embedder.name}: {str(exc).splitlines()[0]}") from exc
+
+    def _record(self) -> dict:
+        return {
+            "model": self.embedder.name, **self.embedder.identity(), "tower": self.tower, "openvino": self.ov.__version__,
+            "inference_precision": self.hint,
+        }  # fmt: skip
+
+    def _check(self, run: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor]) -> None:
+        """The converted model must agree with torch fp32 on inputs other than the example the
+        conversion saw (a trace that baked data-dependent Python in fails here)."""
+        with torch.inference_mode():
+            expected = reference().float().cpu()
+        try:
+            got = run()
+        except RuntimeError as exc:
+            raise ExportError(f"converted model fails on other inputs: {str(exc).strip().splitlines()[-1][:160]}") from exc
+        if got.shape != expected.shape:
+            raise ExportError(f"converted model gives shape {tuple(got.shape)}, torch {tuple(expected.shape)}")
+        self.check_cosine = torch.nn.functional.cosine_similarity(got, expected).min().item()
+        floor = F32_BAR if self.hint == "f32" else BF16_FLOOR
+        if not self.check_cosine >= floor:
+            raise ExportError(f"converted model disagrees with torch fp32 (min cosine {self.check_cosine:.4f} < {floor})")
+
+
+class OpenVINOEngine(_OpenVINOTower):
+    """An embedder's image tower on OpenVINO: ``encode_images(pixels)`` as the torch engine's."""
+
+    def __init__(self, embedder: Embedder, precision: str, example: torch.Tensor, cache_root: Path, reason: str, check: torch.Tensor | None = None) -> None:
+        self.input_shape = tuple(example.shape[1:])
+        super().__init__(embedder, precision, Path(cache_root), reason)
+        self._build(EncodeImage(embedder).eval(), (example.contiguous(),), [[-1, *self.input_shape]])
+        probe = check if check is not None and len(check) else torch.cat([example.flip(0), example[:1].flip(-1)])
+        self._check(lambda: self.encode_images(probe), lambda: embedder.encode_image(probe.to(embedder.device)))
+
+    def input_key(self) -> Any:
+        return list(self.input_shape)
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(pixels.numpy(), dtype=np.float32)  # NCHW, as exported
         result = self.request.infer({0: array}, share_inputs=True)
         return torch.from_numpy(np.array(result[0], dtype=np.float32))
 
-    def _export(self, ov, example: torch.Tensor) -> None:
-        module = EncodeImage(self.embedder).eval()
+
+class OpenVINOTextEngine(_OpenVINOTower):
+    """An embedder's text tower on OpenVINO: ``encode_texts(texts)``; the tokenizer stays in Python."""
+
+    tower = "text"
+
+    def __init__(self, embedder: Embedder, precision: str, cache_root: Path, reason: str, check: Sequence[str] | None = None) -> None:
+        example = embedder.tokenize(list(EXAMPLE_TEXTS))
+        self.names = list(example)
+        self.dtypes = {name: example[name].numpy().dtype for name in self.names}
+        super().__init__(embedder, precision, Path(cache_root), reason)
+        length = embedder.text_length or -1
+        module = EncodeTokens(embedder, self.names).eval()
+        self._build(module, tuple(example[name] for name in self.names), [[-1, length]] * len(self.names))
+        probe = list(check) if check else list(PROBE_TEXTS)
+        self._check(lambda: self.encode_texts(probe), lambda: embedder.encode_text(probe))
+
+    def input_key(self) -> Any:
+        return {"inputs": self.names, "length": self.embedder.text_length or "dynamic"}
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        if not len(texts):
+            return torch.empty(0, self.embedder.dim)
+        tokens = self.embedder.tokenize(list(texts))
+        inputs = {i: np.ascontiguousarray(tokens[name].numpy(), dtype=self.dtypes[name]) for i, name in enumerate(self.names)}
+        result = self.request.infer(inputs)
+        return torch.from_numpy(np.array(result[0], dtype=np.float32))
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2  # <signal.h>, Linux
+
+
+@contextlib.contextmanager
+def signal_stack_kept():
+    """Give the calling thread back its own alternate signal stack after OpenVINO work.
+
+    OpenVINO's CPU plugin (2026.4) installs an alternate signal stack of its own (11.8 KB, mmap)
+    on the thread that compiles a model, and puts back the one it saw when that model is freed;
+    with several models alive, freed in any order, the thread keeps one of OpenVINO's stacks.
+    The crash that kept the OpenVINO tests in a process of their own has the signature of a
+    signal delivered onto a stack that is gone: SIGSEGV with si_code SI_KERNEL in the main
+    thread, inside wait4 (joining a DataLoader worker, whose exit sends SIGCHLD; Python's handlers
+    use SA_ONSTACK), with no faulthandler output (its handler needs that stack too). Putting the
+    thread's stack back at once means every stack OpenVINO saves and restores is this thread's own
+    (faulthandler's, or none), which stays valid for the life of the process.
+    """
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    saved = _SignalStack()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        current = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(current))
+        if (current.ss_sp, current.ss_size, current.ss_flags & SS_DISABLE) != (saved.ss_sp, saved.ss_size, saved.ss_flags & SS_DISABLE):
+            saved.ss_flags &= SS_DISABLE  # the only flag sigaltstack takes when setting
+            libc.sigaltstack(ctypes.byref(saved), None)
+
+
+def convert(ov, module: torch.nn.Module, example: tuple[torch.Tensor, ...], shapes: list[list[int]]):
+    """``module`` as an OpenVINO model with ``shapes`` (-1: any size); ExportError if it does not convert."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings
+            model = ov.convert_model(module, example_input=example if len(example) > 1 else example[0])
+        model.reshape({port: ov.PartialShape(shape) for port, shape in zip(model.inputs, shapes)})
+    except Exception as exc:  # the converter raises many types; all mean "does not export"
+        raise ExportError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'}") from exc
+    return model
+
+
+def save_ir(ov, model, directory: Path, record: dict) -> None:
+    """Save the IR and its record under ``directory``, atomically: a reader sees all of it or nothing."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=directory.parent))
+    try:
+        ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
+        (staging / "engine.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
         try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # TracerWarnings
-                model = ov.convert_model(module, example_input=example.contiguous())
-            model.reshape({model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
-        except Exception as exc:  # the converter raises many types; all mean "does not export"
-            raise ExportError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'}") from exc
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=self.directory.parent))
-        try:
-            ov.save_model(model, staging / "model.xml", compress_to_fp16=False)
-            (staging / "engine.json").write_text(json.dumps(self._record(ov), indent=2, sort_keys=True))
-            try:
-                os.replace(staging, self.directory)  # atomic: a reader sees all of it or nothing
-            except OSError:  # another process exported the same model first: use theirs
-                pass
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _record(self, ov) -> dict:
-        return {"model": self.embedder.name, **self.embedder.identity(), "openvino": ov.__version__, "inference_precision": self.hint}
-
-    def _check(self, example: torch.Tensor) -> None:
-        """The converted model must run another batch size and agree with torch fp32 on an input
-        other than the example the conversion saw (a trace that baked data-dependent Python in fails here): cosine >= 0.999 in
-        f32, >= 0.99 under the bf16 hint (bf16 arithmetic alone costs up to ~0.005 on real images)."""
-        probe = torch.cat([example.flip(0), example[:1].flip(-1)])  # other rows, another batch size
-        with torch.inference_mode():
-            reference = self.embedder.encode_image(probe.to(self.embedder.device)).float().cpu()
-        try:
-            got = self.encode_images(probe)
-        except RuntimeError as exc:
-            raise ExportError(f"converted model fails on another batch: {str(exc).strip().splitlines()[-1][:160]}") from exc
-        if got.shape != reference.shape:
-            raise ExportError(f"converted model gives shape {tuple(got.shape)}, torch {tuple(reference.shape)}")
-        cosine = torch.nn.functional.cosine_similarity(got, reference).min().item()
-        floor = 0.999 if self.hint == "f32" else 0.99
-        if not cosine >= floor:
-            raise ExportError(f"converted model disagrees with torch fp32 (min cosine {cosine:.4f} < {floor})")
+            os.replace(staging, directory)
+        except OSError:  # another process exported the same model first: use theirs
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def engine_directory(cache_root: Path, embedder: Embedder, hint: str, input_shape: tuple, version: str) -> Path:
-
-    fields = {"identity": embedder.identity(), "hint": hint, "input": list(input_shape), "openvino": version}
+def engine_directory(cache_root: Path, embedder: Embedder, hint: str, inputs: Any, version: str, tower: str = "image") -> Path:
+    fields = {"identity": embedder.identity(), "hint": hint, "input": inputs, "openvino": version}
+    if tower != "image":  # image folders keep the keys they had before text towers existed
+        fields["tower"] = tower
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(cache_root) / "engines" / "openvino" / f"{slugify(embedder.name)}-{key}"
+    name = slugify(embedder.name) + ("" if tower == "image" else f"-{tower}")
+    return Path(cache_root) / "engines" / "openvino" / f"{name}-{key}"

@@ -1,9 +1,11 @@
-"""The PyTorch inference engine: eager, or a frozen bf16 trace for CNNs on bf16-native CPUs."""
+"""The PyTorch inference engines: images (eager, or a frozen bf16 trace for CNNs on bf16-native
+CPUs) and texts (eager)."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -73,6 +75,27 @@ class TorchEngine:
             return self.encoder(pixels).float()
 
 
+class TorchTextEngine:
+    """Runs ``embedder.encode_text`` under ``inference_mode`` and the precision's autocast."""
+
+    name = "torch"
+
+    def __init__(self, embedder: Embedder, precision: str, reason: str) -> None:
+        self.embedder = embedder
+        self.precision = precision
+        self.reason = reason
+
+    def identity(self) -> dict:
+        return {}
+
+    def describe(self) -> str:
+        return f"torch {self.precision}"
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        with torch.inference_mode(), autocast_context(self.precision, self.embedder.device):
+            return self.embedder.encode_text(list(texts)).float()
+
+
 class FrozenCNNEncoder:
     """``embedder.encode_image``, traced and frozen for bf16 CNN inference on the CPU.
 
@@ -120,3 +143,18 @@ class EncodeImage(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.embedder.encode_image(pixels)
+
+
+class EncodeTokens(torch.nn.Module):
+    """``embedder.encode_tokens`` as one module taking the token tensors ``names`` positionally."""
+
+    def __init__(self, embedder: Embedder, names: Sequence[str]) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.names = list(names)
+        for module in embedder.modules():
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+
+    def forward(self, *tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedder.encode_tokens(dict(zip(self.names, tokens)))

@@ -60,6 +60,12 @@ class Embedder(ABC):
     #: with them by an output-mix weight alpha (mini-SigLIP): extraction reuses that model's
     #: cached features and runs only :meth:`image_from_features`, and alpha can be swept
     has_output_mix: bool = False
+    #: the text tower splits into :meth:`tokenize` (Python, strings -> integer tensors) and
+    #: :meth:`encode_tokens` (tensors only), so an engine other than torch can run the second part
+    has_token_path: bool = False
+    #: with a token path: the length every text's tokens are padded to (the model's context, as it
+    #: was trained), or None when a batch is padded to its longest text (attention-masked models)
+    text_length: int | None = None
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -125,6 +131,16 @@ class Embedder(ABC):
             f"model {self.name!r} is image-only and cannot embed text; use a vision-language model "
             "such as siglip-base, an openclip:... model or mini-siglip"
         )
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts -> the text tower's inputs by name, (B, L) integer tensors on the CPU (models
+        with ``has_token_path``)."""
+        raise NotImplementedError(f"model {self.name!r} does not split its text tower into tokens and tensors")
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`tokenize`'s output (on ``self.device``) -> (B, dim) float tensor; ``encode_text``
+        of the same texts."""
+        raise NotImplementedError(f"model {self.name!r} does not split its text tower into tokens and tensors")
 
     # -- conveniences for notebooks and single queries ------------------------------------
     @torch.inference_mode()

@@ -55,6 +55,8 @@ class TunedEmbedder(Embedder):
         self.has_image = inner.has_image
         self.image_transform = inner.image_transform
         self.prefers_channels_last = inner.prefers_channels_last
+        self.has_token_path = inner.has_token_path
+        self.text_length = inner.text_length
 
     def weights_id(self) -> str:
         return f"finetuned[{self.base};sha256:{self.digest[:16]}]"
@@ -75,6 +77,12 @@ class TunedEmbedder(Embedder):
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         return self.inner.encode_text(texts)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.inner.tokenize(texts)
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.inner.encode_tokens(tokens)
 
 
 def module_state(embedder: Embedder) -> dict[str, torch.Tensor]:

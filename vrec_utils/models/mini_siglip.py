@@ -325,6 +325,8 @@ class MiniSiglipEmbedder(Embedder):
         self.dim = heads.spec.image_dim
         self.image_transform = self.image_tower.image_transform
         self.prefers_channels_last = self.image_tower.prefers_channels_last
+        self.has_token_path = self.text_tower.has_token_path
+        self.text_length = self.text_tower.text_length
 
     def weights_id(self) -> str:
         return (
@@ -360,6 +362,12 @@ class MiniSiglipEmbedder(Embedder):
             return torch.empty(0, self.dim, device=self.device)
         t = F.normalize(self.text_tower.encode_text(list(texts)).float(), dim=-1)
         return self.heads.text(t)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.text_tower.tokenize(texts)
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.heads.text(F.normalize(self.text_tower.encode_tokens(tokens).float(), dim=-1))
 
 
 def tower_ids(image_tower: Embedder, text_tower: Embedder) -> dict[str, dict[str, str]]:

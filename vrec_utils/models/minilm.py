@@ -44,6 +44,7 @@ def package_model_dir() -> Path:
 class MiniLMEmbedder(SingleModelEmbedder):
     has_text = True
     has_image = False
+    has_token_path = True  # text_length None: a batch is padded to its longest text, masked
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: int, weights_id: str) -> None:
         super().__init__(model, weights_id)
@@ -56,12 +57,16 @@ class MiniLMEmbedder(SingleModelEmbedder):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise ImageNotSupportedError(f"model {self.name!r} is text-only and cannot embed images")
 
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"))
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        tokens = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-        return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return self.encode_tokens({k: v.to(self.device) for k, v in self.tokenize(texts).items()})
 
 
 @register_model(

@@ -36,6 +36,7 @@ _TAG_OPTIONS = {
 
 class OpenClipEmbedder(SingleModelEmbedder):
     has_text = True
+    has_token_path = True
 
     def __init__(self, name: str, model: torch.nn.Module, image_transform, tokenizer: Lazy, weights_id: str) -> None:
         super().__init__(model, weights_id)
@@ -43,6 +44,7 @@ class OpenClipEmbedder(SingleModelEmbedder):
         self.image_transform = image_transform
         self._tokenizer = tokenizer
         self.dim = getattr(model.visual, "output_dim", None) or self._probe_dim()
+        self.text_length = getattr(model, "context_length", None)  # open_clip's tokenizers pad to it
 
     def _probe_dim(self) -> int:
         height, width = self.model.visual.image_size
@@ -52,9 +54,14 @@ class OpenClipEmbedder(SingleModelEmbedder):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
 
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": self._tokenizer.get()(list(texts))}  # padded to the context length
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.encode_text(tokens["input_ids"])
+
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self._tokenizer.get()(list(texts))
-        return self.model.encode_text(tokens.to(self.device))
+        return self.encode_tokens({"input_ids": self.tokenize(texts)["input_ids"].to(self.device)})
 
 
 class _OpenClipErrorFilter(logging.Filter):

@@ -39,6 +39,7 @@ TINY_CONTEXT = 16
 
 class SiglipEmbedder(SingleModelEmbedder):
     has_text = True
+    has_token_path = True
 
     def __init__(self, name: str, model, tokenizer: Lazy, image_transform, weights_id: str) -> None:
         super().__init__(model, weights_id)
@@ -48,18 +49,25 @@ class SiglipEmbedder(SingleModelEmbedder):
         if text_dim != self.dim:
             raise ValueError(f"{name}: image ({self.dim}-d) and text ({text_dim}-d) embeddings differ in size")
         self.max_text_length = model.config.text_config.max_position_embeddings
+        self.text_length = self.max_text_length
         self.image_transform = image_transform
         self._tokenizer = tokenizer
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return pooled(self.model.get_image_features(pixel_values=pixels))
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         # SigLIP was trained on max_length-padded ids without an attention mask: mirror that.
         ids = self._tokenizer.get()(
             list(texts), padding="max_length", max_length=self.max_text_length, truncation=True, return_tensors="pt"
         )["input_ids"]
-        return pooled(self.model.get_text_features(input_ids=ids.to(self.device)))
+        return {"input_ids": ids}
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pooled(self.model.get_text_features(input_ids=tokens["input_ids"]))
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encode_tokens({"input_ids": self.tokenize(texts)["input_ids"].to(self.device)})
 
 
 def transform_from_processor(processor):

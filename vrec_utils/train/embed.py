@@ -9,7 +9,8 @@ import torch
 from torch.nn import functional as F
 
 from ..catalog import Catalog
-from ..extract import autocast_context, extract_image_embeddings
+from ..engines import autocast_context
+from ..extract import extract_image_embeddings
 from ..models import create_embedder
 from ..store import DEFAULT_WORKDIR, EmbeddingCache
 
