@@ -32,7 +32,7 @@ from ..index.elasticsearch import SERVER_DEFAULT, ElasticsearchConfig, Elasticse
 from ..index.exact import neighbour_recall
 from .compression import model_variants, search_variant
 from .data import DecisionData
-from .fidelity import _index_search, es_default_quantiser
+from .fidelity import _index_search, es_default_quantiser, fidelity_table
 
 ES_INDEX_TYPES = ("hnsw", "int8_hnsw", "bbq_hnsw", SERVER_DEFAULT)
 ES_NUM_CANDIDATES = (5, 10, 25, 50, 100, 500)
@@ -147,15 +147,9 @@ def server_rows(data: DecisionData, index_types: Sequence[str] = ES_INDEX_TYPES,
 
 def server_table(data: DecisionData, records: list[dict], result, n_all: int, metric: str = "ndcg@5") -> pd.DataFrame:
     """The records with nDCG@5 and its CI, and how many queries (of how many) were sent."""
-    summary = result.summary().set_index(["model", "setting", "metric"])
-    frame = pd.DataFrame(records)
-    stats = [summary.loc[(m, s, metric)] for m, s in zip(frame["model"], frame["setting"])]
-    frame[metric] = [s["mean"] for s in stats]
-    frame[f"{metric}_low"] = [s["ci_low"] for s in stats]
-    frame[f"{metric}_high"] = [s["ci_high"] for s in stats]
+    frame = fidelity_table(data, records, result, metric)
     frame["n_queries"] = data.n_queries
     frame["queries"] = f"all {n_all} queries" if data.n_queries == n_all else f"{data.n_queries} of {n_all} queries, drawn with seed {data.seed}"
-    frame["model"] = frame["model"].map(data.labels)
     return frame
 
 
