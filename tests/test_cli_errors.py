@@ -447,3 +447,10 @@ def test_elasticsearch_messages_warnings_and_saved_settings_carry_no_credentials
     index.config, index.index_name, index.field, index.num_candidates = config, "i", "f", None
     index.vector_mapping = {"index_options": {}}
     assert SECRET not in json.dumps(index._save(Path("."))) + json.dumps(index._describe())
+
+
+@pytest.mark.parametrize("command", ["evaluate", "decide"])
+def test_an_empty_model_list_is_refused_at_parsing(command, catalog_dir, tmp_path, capfd, monkeypatch):
+    code, _, err = _run([command, "--catalog", str(catalog_dir), "--models", " , ", "--workdir", str(tmp_path / "w")], capfd, monkeypatch)
+    _assert_one_line_error(code, err, command, "argument --models: needs at least one model name")
+    assert not (tmp_path / "w").exists()

@@ -65,6 +65,14 @@ positive_int = _count(1)
 non_negative_int = _count(0)
 
 
+def model_names(text: str) -> list[str]:
+    """``type=`` of ``--models``: comma-separated names, at least one."""
+    names = split_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"needs at least one model name, got {text!r}")
+    return names
+
+
 def directory_path(text: str) -> Path:
     """``type=`` of --workdir / --out: an existing folder, or one that can be created (nothing is
     created while parsing)."""

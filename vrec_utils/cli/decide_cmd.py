@@ -20,6 +20,7 @@ from ._common import (
     UserError,
     add_catalog_args,
     directory_path,
+    model_names,
     positive_int,
     positive_int_list,
     print_frame,
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "writes decision_*.csv and decision_verdict.md to OUT/tables and the quality-cost frontier to OUT/figures.",
     )
     add_catalog_args(p)
-    p.add_argument("--models", required=True, help="two comma-separated cached models: baseline first (e.g. efficientnet-lite0,local:DIR)")
+    p.add_argument("--models", required=True, type=model_names, help="two comma-separated cached models: baseline first (e.g. efficientnet-lite0,local:DIR)")
     p.add_argument("--out", type=directory_path, default=Path("reports/decision"), help="output folder (default: reports/decision)")
     p.add_argument("--label", default="articleType", help="relevance: same value of this column (default: articleType)")
     p.add_argument("--category-column", default="subCategory", help="the category filter of parts 2-4 (default: subCategory)")
@@ -68,9 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
-    models = split_list(args.models)
-    if not models:
-        raise UserError("--models needs at least one model name")
+    models = args.models
     if args.interactions and not Path(args.interactions).is_file():
         raise UserError(f"--interactions: file {args.interactions!r} does not exist")
     try:

@@ -11,7 +11,7 @@ import pandas as pd
 from ..catalog import Split, load_catalog
 from ..evaluation import CI_METHODS, MATRIX, EvaluationResult, evaluate_models
 from ..metrics import GAINS
-from ._common import UserError, add_allow_partial_arg, add_catalog_args, positive_int, positive_int_list, print_frame, split_list
+from ._common import add_allow_partial_arg, add_catalog_args, model_names, positive_int, positive_int_list, print_frame, split_list
 from .index_cmd import byte_size
 
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_catalog_args(p)
     add_allow_partial_arg(p)
-    p.add_argument("--models", required=True, help="comma-separated cached models; the first is the baseline of comparisons")
+    p.add_argument("--models", required=True, type=model_names, help="comma-separated cached models; the first is the baseline of comparisons")
     rel = p.add_mutually_exclusive_group()
     rel.add_argument("--label", default=None, metavar="COLUMN", help="binary relevance: same value of COLUMN (default: articleType)")
     rel.add_argument("--hierarchy", default=None, metavar="C1,C2,C3", help="graded relevance along columns, coarse to fine")
@@ -56,9 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
-    models = split_list(args.models)
-    if not models:
-        raise UserError("--models needs at least one model name")
+    models = args.models
     options = {
         "ks": positive_int_list(args.k, "-k"),
         "metrics": split_list(args.metrics) if args.metrics else None,
