@@ -80,17 +80,16 @@ def open_index(data: DecisionData, model: str, index_type: str, config: Elastics
     key = content_key(model, data.ids, x, meta[column].to_numpy() if column else None, index_type)
     options = {"config": config, "client": client, "index_name": decision_index_name(model, index_type, key), "index_type": index_type}
     index = ElasticsearchIndex(model, x.shape[1], [column] if column else None, **options)
-    rows = {item_id: row for row, item_id in enumerate(data.ids.tolist())}
-    if index._fingerprint == key and len(index) == len(data.ids):
-        index._rows = rows
+    if index.holds(key, len(data.ids)):
+        index.rank_ties_by(data.ids)
         return index, 0.0
     if len(index):  # a partial or stale build under our name: start again
         index.drop()
         index = ElasticsearchIndex(model, x.shape[1], [column] if column else None, **options)
     start = time.perf_counter()
     index.add(data.ids, x, metadata=meta)
-    index._record_fingerprint(key)
-    index._rows = rows
+    index.record_content(key)
+    index.rank_ties_by(data.ids)
     return index, time.perf_counter() - start
 
 

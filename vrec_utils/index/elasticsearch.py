@@ -203,9 +203,18 @@ class ElasticsearchIndex(VectorIndex):
             )
         self._fingerprint = (meta.get("fingerprints") or {}).get(self.field)
 
-    def _record_fingerprint(self, key: str) -> None:
+    def holds(self, key: str, count: int) -> bool:
+        """Whether this field was last fully indexed from content ``key`` (see :meth:`record_content`)
+        and the index holds ``count`` documents: then it can be served without a per-id check."""
+        return self._fingerprint == key and len(self) == count
+
+    def rank_ties_by(self, ids) -> None:
+        """Break equal-score ties in the order of ``ids`` (catalogue order, as exact search does)."""
+        self._rows = {item_id: row for row, item_id in enumerate(np.asarray(ids, dtype=str).tolist())}
+
+    def record_content(self, key: str) -> None:
         """Remember in the mapping's ``_meta`` which embeddings this field was last fully indexed
-        from, so that the next :func:`build_index` of the same embeddings skips the per-id check."""
+        from, so that the next build from the same embeddings skips the per-id check (:meth:`holds`)."""
         current = self._call(self.client.indices.get_mapping, index=self.index_name)
         meta = dict(next(iter(current.body.values()))["mappings"].get("_meta", {}).get("vrec", {}))
         meta["fingerprints"] = {**(meta.get("fingerprints") or {}), self.field: key}
@@ -398,8 +407,8 @@ class ElasticsearchIndex(VectorIndex):
             config["index_name"] = es_config.index or default_index_name(catalog.name if catalog is not None else None)
         index = cls(embeddings.model, embeddings.dim, filter_columns=list(metadata.columns), **config)
         ids = np.asarray(embeddings.ids, dtype=str)
-        index._rows = {item_id: row for row, item_id in enumerate(ids.tolist())}
-        if not rebuild and index._fingerprint == key and len(index) == len(ids):
+        index.rank_ties_by(ids)
+        if not rebuild and index.holds(key, len(ids)):
             # the same embeddings and labels were fully indexed before: one count, no per-id check
             report = BulkReport(0, (), n_skipped=len(ids))
             index.last_report = report
@@ -415,7 +424,7 @@ class ElasticsearchIndex(VectorIndex):
         index.info = {"fingerprint": key, "index_name": index.index_name, "backfill": report.summary()}
         if report.failed:
             raise BulkIndexError(report, action=f"indexing {embeddings.model} into {index.index_name}")
-        index._record_fingerprint(key)
+        index.record_content(key)
         return index
 
 
