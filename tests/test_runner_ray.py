@@ -56,10 +56,10 @@ def catalog_dir(fashion_small_dir, tmp_path_factory) -> Path:
     return root
 
 
-def ray_run(catalog, workdir, factory=SmallConvEmbedder, workers=1, **kwargs):
+def ray_run(catalog, workdir, factory=SmallConvEmbedder, workers=1, fuse=None, **kwargs):
     from vrec_utils.runners import RayOptions, ray_runner
 
-    runner = ray_runner(factory, RayOptions(workers=workers, threads_per_worker=1))
+    runner = ray_runner(factory, RayOptions(workers=workers, threads_per_worker=1, fuse=fuse))
     return extract_image_embeddings(catalog, factory(), workdir, batch_size=32, chunk_size=64, precision="fp32", progress=False, runner=runner, **kwargs)
 
 
@@ -72,11 +72,19 @@ def stored_rows(result, catalog) -> tuple[int, int, int]:
     return len(view.keys), len(set(view.keys.tolist())), len(readable)
 
 
-def test_ray_runner_writes_the_local_runners_cache(ray_cluster, catalog_dir, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "fuse, pipeline",
+    [(None, "fused decode+embed in 2 CPU actor(s)"), (False, "decode in Ray CPU tasks, embed in 2 CPU actor(s)")],
+    ids=["fused-cpu-default", "split-decode-tasks"],
+)
+def test_ray_runner_writes_the_local_runners_cache(ray_cluster, catalog_dir, tmp_path, capsys, fuse, pipeline):
     catalog = load_catalog(catalog_dir)
     local = extract_image_embeddings(catalog, SmallConvEmbedder(), tmp_path / "local", batch_size=32, chunk_size=64, num_workers=0, precision="fp32", progress=False)
     capsys.readouterr()
-    ray = ray_run(catalog, tmp_path / "ray", workers=2)
+    ray = ray_run(catalog, tmp_path / "ray", workers=2, fuse=fuse)
+    # the summary says which pipeline ran and why (GPU actors default to the split one)
+    assert ray.runner == "ray" and ray.runner_reason.startswith(pipeline), ray.runner_reason
+    assert f"runner: ray: {pipeline}" in ray.summary() and local.runner == "local" and "runner:" not in local.summary()
     broken = catalog.ids[7]
     # the same store folder name (model identity, precision, normalisation), vectors and coverage
     assert ray.cache_dir.relative_to(tmp_path / "ray") == local.cache_dir.relative_to(tmp_path / "local")
@@ -201,3 +209,13 @@ def test_ivf_shards_filled_in_ray_tasks_equal_a_threaded_build(ray_cluster, tmp_
     b_ids, b_scores = threaded.search(vectors[:100], 10)
     assert a_ids.tolist() == b_ids.tolist() and a_ids[:, 0].tolist() == ids[:100].tolist()
     np.testing.assert_array_equal(a_scores, b_scores)
+
+
+def test_the_pipeline_defaults_to_fused_on_cpus_and_split_with_gpus():
+    pytest.importorskip("ray")
+    from vrec_utils.runners import RayOptions
+
+    assert RayOptions().fused and "no GPU asked for" in RayOptions().describe()
+    gpu = RayOptions(gpus_per_worker=1, workers=4)
+    assert not gpu.fused and gpu.describe() == "decode in Ray CPU tasks, embed in 4 actor(s) with 1 GPU(s) each (GPU actors: decoding stays off the GPU's critical path)"
+    assert RayOptions(gpus_per_worker=1, fuse=True).fused and not RayOptions(fuse=False).fused

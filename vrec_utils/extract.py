@@ -83,6 +83,8 @@ class ExtractResult:
     seconds: float
     engine: str = "torch"
     engine_reason: str = ""
+    runner: str = "local"
+    runner_reason: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -93,7 +95,9 @@ class ExtractResult:
             f"{self.embeddings.model}: reused {self.n_cached} (same content), embedded {self.n_new} "
             f"(new or changed), {len(self.skipped)} skipped, {self.engine} {self.precision}, "
             f"{self.images_per_second:.1f} img/s -> {self.cache_dir}"
-        ) + (f"\nengine: {self.engine_reason}" if self.engine_reason else "")
+        ) + (f"\nengine: {self.engine_reason}" if self.engine_reason else "") + (
+            f"\nrunner: {self.runner}: {self.runner_reason}" if self.runner_reason else ""
+        )
 
     def to_json(self) -> dict:
         return {
@@ -101,7 +105,7 @@ class ExtractResult:
             "reused": self.n_cached, "reused_because": "same content (model, precision, normalisation and image/text digest)",
             "embedded": self.n_new, "embedded_because": "new or changed content",
             "from_cache": self.n_cached, "skipped": len(self.skipped), "precision": self.precision,
-            "engine": self.engine, "engine_reason": self.engine_reason, "seconds": round(self.seconds, 3),
+            "engine": self.engine, "engine_reason": self.engine_reason, "runner": self.runner, "runner_reason": self.runner_reason, "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2) if self.n_new else None,
         }  # fmt: skip
 
@@ -178,12 +182,15 @@ def extract_image_embeddings(
         seconds=seconds,
         engine=chosen.name,
         engine_reason=chosen.reason,
+        runner="local" if runner is None else getattr(runner, "name", "custom"),
+        runner_reason="" if runner is None else getattr(runner, "reason", ""),
     )
 
 
 class BatchRunner(Protocol):
     """Embeds ``todo`` (catalog rows with an ``image`` column) and files every vector through
-    ``ChunkWriter(cache, ...)``; returns ``{id: reason}`` for the images it could not read."""
+    ``ChunkWriter(cache, ...)``; returns ``{id: reason}`` for the images it could not read.
+    Optional attributes ``name`` and ``reason`` (which pipeline ran and why) go into the run summary."""
 
     def __call__(self, todo: pd.DataFrame, embedder: Embedder, cache: EmbeddingCache, *, batch_size: int, precision: str, normalize: bool, chunk_size: int, progress: bool) -> dict[str, str]: ...
 

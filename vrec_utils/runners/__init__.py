@@ -12,6 +12,7 @@ from __future__ import annotations
 from .ray_runner import (
     RAY_INSTALL,
     RayOptions,
+    RayRunner,
     RayUnavailableError,
     ray_runner,
     require_ray,
@@ -19,4 +20,4 @@ from .ray_runner import (
 
 RUNNERS = ("local", "ray")
 
-__all__ = ["RAY_INSTALL", "RUNNERS", "RayOptions", "RayUnavailableError", "ray_runner", "require_ray"]
+__all__ = ["RAY_INSTALL", "RUNNERS", "RayOptions", "RayRunner", "RayUnavailableError", "ray_runner", "require_ray"]

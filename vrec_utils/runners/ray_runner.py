@@ -1,10 +1,20 @@
 """The Ray runner: decode in Ray CPU tasks, embed in actors that hold the model once.
 
 ``vrec extract --runner ray`` builds a Ray Dataset of the items still to embed (one block per
-cache chunk), decodes and preprocesses them in CPU tasks with the model's own ``image_transform``,
-embeds them in a pool of actors (``concurrency=workers``, ``num_gpus=gpus_per_worker``) and streams
-the vectors back to the driver, which files them through the same :class:`ChunkWriter` and cache
-as the local runner (one writer: no second code path writes the store). So:
+cache chunk) and runs one of two pipelines over it (:meth:`RayOptions.fused`):
+
+* **split** (actors with GPUs): images are decoded and preprocessed in Ray CPU tasks with the
+  model's own ``image_transform`` and embedded in a pool of actors (``concurrency=workers``,
+  ``num_gpus=gpus_per_worker``): the GPU never waits on JPEG decoding;
+* **fused** (no GPU asked for, the default on CPU nodes): each actor takes a whole block of paths,
+  decodes the next batch in a thread while its model embeds the current one, and yields the
+  vectors. On CPUs decoding and embedding share the same cores anyway, and the split pipeline
+  paid for sending float32 pixel batches (19 MB per 32 images at 224x224) through the object
+  store, spilling them to disk when the store was small, and for a second pool of processes.
+
+Either way the vectors stream back to the driver, which files them through the same
+:class:`ChunkWriter` and cache as the local runner (one writer: no second code path writes the
+store). So:
 
 * a driver killed mid-run leaves whole chunks behind; a rerun embeds only what they lack;
 * a worker killed mid-run is restarted by Ray and its task retried (Ray Data's actor defaults,
@@ -18,7 +28,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +71,8 @@ class RayOptions:
     or ``"host:6379"`` joins a remote one. ``workers``: embedding actors (each holds the model
     once). ``gpus_per_worker``: 0 embeds on CPUs. ``threads_per_worker``: torch threads of a CPU
     actor (default: this machine's cores / workers). ``decode_cpus``: logical CPUs each decode
-    task reserves (decoding 60x80 JPEGs is cheap next to the model).
+    task reserves (decoding 60x80 JPEGs is cheap next to the model). ``fuse``: decode in the
+    embedding actors instead of separate tasks; ``None`` (auto) fuses when no GPU is asked for.
     """
 
     address: str | None = None
@@ -69,6 +81,7 @@ class RayOptions:
     threads_per_worker: int | None = None
     decode_cpus: float = 0.25
     object_store_memory: int = DEFAULT_OBJECT_STORE_BYTES
+    fuse: bool | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -81,6 +94,19 @@ class RayOptions:
         if self.threads_per_worker:
             return self.threads_per_worker
         return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def fused(self) -> bool:
+        return not self.gpus_per_worker if self.fuse is None else self.fuse
+
+    def describe(self) -> str:
+        """Which pipeline runs and why (the run summary prints it)."""
+        where = f"{self.workers} actor(s) with {self.gpus_per_worker:g} GPU(s) each" if self.gpus_per_worker else f"{self.workers} CPU actor(s), {self.threads} torch thread(s) each"
+        if self.fused:
+            why = "no GPU asked for: decoding in the actor skips the object store" if self.fuse is None else "fuse=True asked for"
+            return f"fused decode+embed in {where} ({why})"
+        why = "GPU actors: decoding stays off the GPU's critical path" if self.fuse is None else "fuse=False asked for"
+        return f"decode in Ray CPU tasks, embed in {where} ({why})"
 
 
 def ensure_ray(options: RayOptions):
@@ -140,38 +166,79 @@ class EmbedActor:
         return {"id": batch["id"], "error": batch["error"], "vector": vectors}
 
 
+class DecodeEmbedActor(EmbedActor):
+    """The fused pipeline: takes a block of paths, decodes batch n+1 in a thread (PIL and torch
+    release the GIL) while the model embeds batch n, and yields each batch's vectors."""
+
+    def __init__(self, factory: Callable[[], Embedder], identity: dict, precision: str, normalize: bool, threads: int, batch_size: int) -> None:
+        super().__init__(factory, identity, precision, normalize, threads)
+        self.batch_size = batch_size
+        self.decode = {"transform": self.embedder.image_transform, "pixel_shape": pixel_shape_of(self.embedder)}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vrec-decode")
+
+    def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        size = self.batch_size
+        batches = [{"id": block["id"][b : b + size], "path": block["path"][b : b + size]} for b in range(0, len(block["id"]), size)]
+        pending = self.pool.submit(decode_batch, batches[0], **self.decode) if batches else None
+        for n in range(len(batches)):
+            decoded = pending.result()
+            if n + 1 < len(batches):
+                pending = self.pool.submit(decode_batch, batches[n + 1], **self.decode)
+            yield super().__call__(decoded)
+
+
 def pixel_shape_of(embedder: Embedder) -> tuple[int, ...]:
     """The shape ``image_transform`` gives (every model preprocesses to one fixed size)."""
     return tuple(embedder.image_transform(Image.new("RGB", (64, 64), (255, 255, 255))).shape)
 
 
 # ================================================================================ the runner
-def ray_runner(factory: Callable[[], Embedder], options: RayOptions | None = None):
+class RayRunner:
     """A runner for :func:`vrec_utils.extract.extract_image_embeddings`: each Ray actor builds its
     model with ``factory()`` (picklable; it must give the driver's weights and preprocessing,
-    which the actor checks)."""
-    options = options or RayOptions()
-    require_ray()  # fail before any work when Ray is missing
+    which the actor checks). ``name`` and ``reason`` go into the run summary."""
 
-    def run(todo: pd.DataFrame, embedder: Embedder, cache: EmbeddingCache, *, batch_size, precision, normalize, chunk_size, progress) -> dict[str, str]:
-        ray = ensure_ray(options)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
+    name = "ray"
+
+    def __init__(self, factory: Callable[[], Embedder], options: RayOptions | None = None) -> None:
+        self.factory = factory
+        self.options = options or RayOptions()
+        require_ray()  # fail before any work when Ray is missing
+
+    @property
+    def reason(self) -> str:
+        return self.options.describe()
+
+    def dataset(self, ray, todo: pd.DataFrame, embedder: Embedder, *, batch_size: int, precision: str, normalize: bool, chunk_size: int):
+        """The Ray Dataset of (id, error, vector) rows: one block of paths per cache chunk."""
+        options = self.options
         shards = [
             pd.DataFrame({"id": todo.index[b : b + chunk_size].astype(str), "path": todo["image"].iloc[b : b + chunk_size].astype(str).to_numpy()})
             for b in range(0, len(todo), chunk_size)
         ]
         dataset = ray.data.from_pandas(shards)
+        actor = {"factory": self.factory, "identity": embedder.identity(), "precision": precision, "normalize": normalize, "threads": options.threads}
+        pool = ray.data.ActorPoolStrategy(size=options.workers)
+        if options.fused:  # whole blocks of paths into the actors; batches are cut there
+            return dataset.map_batches(
+                DecodeEmbedActor, batch_size=None, batch_format="numpy", compute=pool, num_gpus=options.gpus_per_worker or None,
+                num_cpus=1 if options.gpus_per_worker else 0.5, fn_constructor_kwargs={**actor, "batch_size": batch_size},
+            )  # fmt: skip
         dataset = dataset.map_batches(
             decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=options.decode_cpus,
             fn_kwargs={"transform": embedder.image_transform, "pixel_shape": pixel_shape_of(embedder)},
         )
-        dataset = dataset.map_batches(
-            EmbedActor, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),
-            num_gpus=options.gpus_per_worker or None, num_cpus=1 if options.gpus_per_worker else 0.5,
-            fn_constructor_kwargs={"factory": factory, "identity": embedder.identity(), "precision": precision, "normalize": normalize, "threads": options.threads},
+        return dataset.map_batches(
+            EmbedActor, batch_size=batch_size, batch_format="numpy", compute=pool,
+            num_gpus=options.gpus_per_worker or None, num_cpus=1 if options.gpus_per_worker else 0.5, fn_constructor_kwargs=actor,
         )  # fmt: skip
+
+    def __call__(self, todo: pd.DataFrame, embedder: Embedder, cache: EmbeddingCache, *, batch_size, precision, normalize, chunk_size, progress) -> dict[str, str]:
+        ray = ensure_ray(self.options)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        dataset = self.dataset(ray, todo, embedder, batch_size=batch_size, precision=precision, normalize=normalize, chunk_size=chunk_size)
         writer = ChunkWriter(cache, chunk_size)
         bar = tqdm(total=len(todo), desc=f"embed {embedder.name} on Ray", unit="img", disable=not progress, file=sys.stderr)
         with bar:
@@ -187,4 +254,7 @@ def ray_runner(factory: Callable[[], Embedder], options: RayOptions | None = Non
         writer.flush()
         return writer.skipped
 
-    return run
+
+def ray_runner(factory: Callable[[], Embedder], options: RayOptions | None = None) -> RayRunner:
+    """:class:`RayRunner` (fails at once, with the install command, when Ray is missing)."""
+    return RayRunner(factory, options)
