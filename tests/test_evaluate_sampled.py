@@ -4,16 +4,19 @@ against every candidate; reproducible, and the output says how many queries and 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from test_evaluate import FAST, catalog, workdir  # noqa: F401 - module fixtures reused
+from test_evaluate import DUP_GROUPS, FAST, catalog, workdir, write_fake_model  # noqa: F401 - module fixtures reused
 
 from vrec_utils.cli import main
 from vrec_utils.cli.evaluate_cmd import print_result
 from vrec_utils.evaluation import evaluate_models
 from vrec_utils.evaluation.sampling import stratified_sample
+from vrec_utils.index import build_index
+from vrec_utils.index.ivf_ondisk import IvfOnDiskIndex
 
 MODELS = ["fake-cnn", "fake-vlm"]
 
@@ -78,3 +81,48 @@ def test_sampled_queries_answered_by_the_ondisk_ivf_name_it_and_its_settings(cat
     print_result(default)
     out = capsys.readouterr().out
     assert f"answered by: ivf-ondisk index (factory={described['factory']}, nlist={described['nlist']}, nprobe={described['nprobe']}, memory_budget={4 * 2**30})" in out
+
+
+def test_evaluate_searches_the_ondisk_index_vrec_index_saved(catalog, tmp_path, monkeypatch, capsys):  # noqa: F811
+    write_fake_model(tmp_path, catalog, "fake-cnn", 16, noise=0.9, seed=1)
+    saved = build_index(tmp_path, catalog, "fake-cnn", backend="ivf-ondisk")  # what `vrec index --backend ivf-ondisk` does
+    lists = Path(saved.info["path"]) / "lists.ivfdata"
+    stamp = lists.stat().st_mtime_ns
+    monkeypatch.setattr(IvfOnDiskIndex, "_add", lambda *a, **k: pytest.fail("evaluate built an index instead of reusing the saved one"))
+    exact = evaluate_models(catalog, tmp_path, ["fake-cnn"], sample_queries=40, seed=7, **FAST)
+    reused = evaluate_models(catalog, tmp_path, ["fake-cnn"], sample_queries=40, seed=7, backend="ivf-ondisk", index_options={"nprobe": 10**6}, **FAST)
+    settings = reused.config["index_settings"]["fake-cnn"]
+    assert settings["reused"] is True and settings["saved_index"] == saved.info["path"] and lists.stat().st_mtime_ns == stamp
+    assert settings["nprobe"] == settings["nlist"]  # this run's search setting, on the saved lists
+    # the saved index holds the excluded byte-identical copies too; they never come back as candidates
+    assert settings["size"] == len(catalog) > reused.report["candidates"]
+    for metric in ("ndcg@5", "ndcg@10"):
+        assert abs(reused.table().set_index("model").at["fake-cnn", metric] - exact.table().set_index("model").at["fake-cnn", metric]) < 0.03
+    print_result(reused)
+    assert f"note: fake-cnn: searched the saved ivf-ondisk index {saved.info['path']}" in capsys.readouterr().out
+
+
+def test_evaluate_builds_and_saves_the_ondisk_index_when_none_matches_saying_so(catalog, tmp_path, capsys):  # noqa: F811
+    write_fake_model(tmp_path, catalog, "fake-cnn", 16, noise=0.9, seed=1)
+    build_index(tmp_path, catalog, "fake-cnn", backend="ivf-ondisk")  # the default memory budget
+    options = {"memory_budget": 2**20}  # another build setting: the saved index does not match
+    first = evaluate_models(catalog, tmp_path, ["fake-cnn"], sample_queries=40, seed=7, backend="ivf-ondisk", index_options=options, **FAST)
+    built = first.config["index_settings"]["fake-cnn"]
+    assert built["reused"] is False and built["memory_budget"] == 2**20
+    assert any(n.startswith("fake-cnn: no saved ivf-ondisk index matched") and built["saved_index"] in n for n in first.config["notes"])
+    again = evaluate_models(catalog, tmp_path, ["fake-cnn"], sample_queries=40, seed=7, backend="ivf-ondisk", index_options=options, **FAST)
+    assert again.config["index_settings"]["fake-cnn"]["reused"] is True and again.config["index_settings"]["fake-cnn"]["saved_index"] == built["saved_index"]
+    assert json.dumps(again.to_json()["results"]) == json.dumps(first.to_json()["results"])
+
+
+def test_a_restricted_ondisk_index_answers_from_the_allowed_items_only(catalog, tmp_path):  # noqa: F811
+    vectors = write_fake_model(tmp_path, catalog, "fake-cnn", 16, noise=0.9, seed=1)
+    index = build_index(tmp_path, catalog, "fake-cnn", backend="ivf-ondisk", nprobe=10**6)
+    copy, original = DUP_GROUPS[0]  # byte-identical images: the same vector
+    position = catalog.ids.index(original)
+    assert index.search(vectors[position], 1, exclude_ids=[original]).ids[0][0] == copy
+    index.restrict_to([i for i in catalog.ids if i != copy])
+    found = index.search(vectors[position], 5, exclude_ids=[original]).ids[0]
+    assert copy not in found and len(found) == 5
+    with pytest.raises(KeyError, match="1 id\\(s\\) not in the ivf-ondisk index of fake-cnn, e.g. nope"):
+        index.restrict_to(["nope"])

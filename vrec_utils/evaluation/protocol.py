@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..catalog import Catalog, load_catalog
+from ..index import VectorIndex, get_index_class, index_of_embeddings
 from ..metrics import compute_metrics
 from ..store import Embeddings, load_embeddings
 from .candidates import pca_vectors, select_candidates, unit_rows
@@ -54,7 +55,7 @@ def evaluate(catalog: Catalog, embeddings: Mapping[str, Embeddings], config: Eva
         )
     cand_items = catalog.items.loc[ids]
     queries = _queries(catalog, config, ids, cand_items, report)
-    scoring = _Scoring(config, queries, ids.to_numpy(dtype=str), cand_items[[config.filter_column]] if config.filter_column else None)
+    scoring = _Scoring(config, queries, ids.to_numpy(dtype=str), cand_items[[config.filter_column]] if config.filter_column else None, catalog=catalog)
     notes = scoring.score_models(embeddings)
     if config.filter_column:
         notes.append(f"filtered:{config.filter_column} keeps candidates with the query's own {config.filter_column} (an oracle filter)")
@@ -132,13 +133,18 @@ class _Scoring:
     values: dict[RowKey, dict[str, np.ndarray]] = field(default_factory=dict)
     dims: dict[RowKey, int] = field(default_factory=dict)
     indexes: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> the index's settings (index backends)
+    catalog: Catalog | None = None  # the catalog, for the saved indexes of its cache (see saved_index)
 
-    def score(self, name: str, settings: list[tuple[str, str | None]], variant: str, vectors: np.ndarray) -> None:
-        """Retrieve with ``vectors`` and score each setting (setting name, filter column or None)."""
+    def score(self, name: str, settings: list[tuple[str, str | None]], variant: str, vectors: np.ndarray, saved: VectorIndex | None = None) -> None:
+        """Retrieve with ``vectors`` (through ``saved`` when given) and score each setting
+        (setting name, filter column or None)."""
         config, q = self.config, self.queries
-        retriever = Retriever(config.backend, variant, self.ids, vectors, self.metadata, config.index_options)
+        retriever = Retriever(config.backend, variant, self.ids, vectors, self.metadata, config.index_options, index=saved)
         if retriever.index is not None:
-            self.indexes[variant] = {k: v for k, v in retriever.index.describe().items() if k not in ("model", "filter_columns")}
+            described = retriever.index.describe()
+            self.indexes[variant] = {k: v for k, v in described.items() if k not in ("model", "filter_columns")}
+            if saved is not None:
+                self.indexes[variant].update(saved_index=saved.info.get("path"), reused=bool(saved.info.get("reused")))
         for setting, column in settings:
             rel = q.relevance.grades(q.positions, retriever.search(q.positions, config.depth, column))
             self.values[(name, setting)] = compute_metrics(rel, list(config.metrics), ideal=q.ideal, n_relevant=q.n_relevant, gain=config.gain)
@@ -154,9 +160,37 @@ class _Scoring:
         settings: list[tuple[str, str | None]] = [(UNFILTERED, None)]
         if config.filter_column:
             settings.append((f"filtered:{config.filter_column}", config.filter_column))
+        notes: list[str] = []
         for name, vectors in variants.items():
-            self.score(name, settings, name, vectors)
-        return self.score_pca(embeddings, variants) if config.pca_dims else []
+            saved = self.saved_index(embeddings[name], notes) if name in embeddings else None
+            self.score(name, settings, name, vectors, saved)
+        return notes + (self.score_pca(embeddings, variants) if config.pca_dims else [])
+
+    def saved_index(self, emb: Embeddings, notes: list[str]) -> VectorIndex | None:
+        """For backends whose index ``vrec index`` saves next to the cache (``ivf-ondisk``): that
+        index when its catalog fingerprint, model identity, vectors, labels and build settings
+        match, else one built and saved there now (saying so); None (a temporary index per run,
+        as before) for other backends or embeddings not loaded from a cache."""
+        config = self.config
+        if config.backend == MATRIX or not getattr(get_index_class(config.backend), "evaluation_reuses_saved", False):
+            return None
+        folder, catalog = emb.manifest.get("catalog_dir"), self.catalog
+        if not folder or catalog is None or (config.filter_column and config.filter_column not in catalog.label_columns):
+            return None
+        cls, build = get_index_class(config.backend), dict(config.index_options)
+        search = {k: build.pop(k) for k in cls.search_options + ("threads",) if k in build}  # this run's, not recorded in the index
+        index = index_of_embeddings(emb, catalog, backend=config.backend, cache_dir=folder, **build)
+        if search:  # reopened (memory-mapped: cheap) with this run's search settings
+            reused, index = index.info.get("reused"), cls.load(index.info["path"], **search)
+            index.info["reused"] = reused
+        if index.info.get("reused"):
+            notes.append(f"{emb.model}: searched the saved {config.backend} index {index.info.get('path')} (same catalog, model identity, vectors, labels and build settings)")
+        else:
+            notes.append(
+                f"{emb.model}: no saved {config.backend} index matched this catalog, model identity, vectors, labels and build "
+                f"settings; built one and saved it in {index.info.get('path')} (later runs reuse it)"
+            )
+        return index
 
     def score_pca(self, embeddings: Mapping[str, Embeddings], variants: dict[str, np.ndarray]) -> list[str]:
         """``pca<d>`` rows of every model (fitted on the split's train items, else on the candidates)."""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..index import create_index
+from ..index import VectorIndex, create_index
 from ..index.exact import leave_one_out_knn
 from .config import MATRIX
 
@@ -26,11 +26,15 @@ class Retriever:
 
     def __init__(
         self, backend: str, name: str, ids: np.ndarray, vectors: np.ndarray, metadata: pd.DataFrame | None,
-        index_options: Mapping[str, Any],
+        index_options: Mapping[str, Any], index: VectorIndex | None = None,
     ):
+        """``index``: an index already holding these candidates (and maybe more items, e.g. the
+        one ``vrec index`` saved); its searches are restricted to the candidates."""
         self.ids, self.vectors, self.metadata = ids, vectors, metadata
-        self.index = None
-        if backend != MATRIX:
+        self.index = index
+        if index is not None:
+            index.restrict_to(ids)
+        elif backend != MATRIX:
             columns = list(metadata.columns) if metadata is not None else []
             self.index = create_index(backend, model=name, dim=vectors.shape[1], filter_columns=columns, **index_options)
             self.index.add(ids, vectors, metadata=metadata)

@@ -57,24 +57,28 @@ def build_index(
     when the embeddings are not cached, and :class:`~vrec_utils.store.PartialCacheError` when some
     catalog items lack a vector, unless ``allow_partial`` (then the items that have one are indexed).
     """
-    cls = get_index_class(backend)
+    get_index_class(backend)  # an unknown backend fails before the embeddings load
     if filter_columns is None:
         columns = list(catalog.label_columns)
     else:
         columns = [filter_columns] if isinstance(filter_columns, str) else list(filter_columns)
         columns = [catalog.require_column(c) for c in columns]
     embeddings = load_embeddings(workdir, catalog, model, allow_partial=allow_partial)
+    return index_of_embeddings(embeddings, catalog, backend=backend, cache_dir=embedding_cache_dir(workdir, catalog, embeddings), filter_columns=columns, rebuild=rebuild, **config)
+
+
+def index_of_embeddings(
+    embeddings: Embeddings, catalog: Catalog, *, backend: str, cache_dir: str | os.PathLike, filter_columns: Sequence[str] | None = None,
+    rebuild: bool = False, **config: Any,
+) -> VectorIndex:
+    """:func:`build_index` for embeddings already loaded (the catalog's items among them; filter
+    columns: the catalog's label columns by default, as ``vrec index`` does): the index saved in
+    ``cache_dir`` is reused while its fingerprint matches, else built (``info["reused"]`` says which)."""
+    columns = list(catalog.label_columns) if filter_columns is None else list(filter_columns)
     embeddings = _restrict_to_catalog(embeddings, catalog)
     metadata = catalog.items.loc[embeddings.ids, columns]
-    return cls._from_embeddings(
-        embeddings,
-        metadata,
-        cache_dir=embedding_cache_dir(workdir, catalog, embeddings),
-        key=_fingerprint(embeddings, metadata),
-        rebuild=rebuild,
-        catalog=catalog,
-        **config,
-    )
+    key = _fingerprint(embeddings, metadata)
+    return get_index_class(backend)._from_embeddings(embeddings, metadata, cache_dir=Path(cache_dir), key=key, rebuild=rebuild, catalog=catalog, **config)
 
 
 def embedding_cache_dir(workdir: str | os.PathLike, catalog: Catalog, embeddings: Embeddings) -> Path:
@@ -126,6 +130,7 @@ __all__ = [
     "create_index",
     "embedding_cache_dir",
     "get_index_class",
+    "index_of_embeddings",
     "list_index_backends",
     "register_index",
 ]

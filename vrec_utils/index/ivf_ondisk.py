@@ -48,6 +48,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pandas as pd
 from faiss.contrib.ondisk import merge_ondisk
 
 from .base import INDEX_CONFIG, IndexBackendError, VectorIndex, register_index
@@ -270,6 +271,8 @@ class IvfOnDiskIndex(VectorIndex):
     supports_filters = True
     search_options = ("nprobe",)
     read_only = True
+    #: ``vrec evaluate`` searches the index ``vrec index`` saved (when it matches) instead of building one
+    evaluation_reuses_saved = True
     SETTINGS = ("memory_budget", "nlist", "nprobe", "shard_rows", "workers", "parallel", "seed", "threads")
     BUILD_SETTINGS = ("memory_budget", "nlist", "seed")
 
@@ -292,6 +295,7 @@ class IvfOnDiskIndex(VectorIndex):
         self.directory = Path(directory) if directory is not None else None
         self._ondisk: OnDiskIvfIndex | None = None
         self._meta: dict[str, np.ndarray] = {}
+        self._allowed: np.ndarray | None = None  # label mask set by restrict_to
 
     # -- build -------------------------------------------------------------------------------------
     def _add(self, ids: np.ndarray, vectors: np.ndarray, metadata: dict[str, np.ndarray]) -> None:
@@ -312,6 +316,23 @@ class IvfOnDiskIndex(VectorIndex):
         with omp_threads(s["threads"]):
             self._ondisk = build(plan, shards, self.directory, sample=np.asarray(vectors[picked]), parallel=s["parallel"], workers=s["workers"], seed=s["seed"])
         self._meta = {c: np.asarray(metadata[c], dtype=str) for c in self.filter_columns}
+
+    def restrict_to(self, ids) -> None:
+        """Answer every later search from ``ids`` only (e.g. the candidates of an evaluation
+        searched against a saved index that holds more items); ``None`` lifts it. KeyError naming
+        ids the index does not hold."""
+        if ids is None:
+            self._allowed = None
+            return
+        if self._ondisk is None:
+            raise IndexBackendError("an empty ivf-ondisk index cannot be restricted; add the vectors first")
+        positions = pd.Index(np.asarray(self._ondisk.ids)).get_indexer(np.asarray(ids, dtype=str))
+        if (positions < 0).any():
+            missing = np.asarray(ids, dtype=str)[positions < 0]
+            raise KeyError(f"{len(missing)} id(s) not in the ivf-ondisk index of {self.model}, e.g. {', '.join(missing[:5])}")
+        allowed = np.zeros(len(self._ondisk), dtype=bool)
+        allowed[positions] = True
+        self._allowed = allowed
 
     def _delete(self, ids: np.ndarray) -> None:
         raise IndexBackendError(f"the ivf-ondisk index of {self.model} is read-only once built; rebuild it without those items")
@@ -338,10 +359,12 @@ class IvfOnDiskIndex(VectorIndex):
     def _search_group(self, q, kk, flt, nprobe):
         ondisk, selector, bits = self._ondisk, None, None
         available = len(ondisk)
+        mask = None if self._allowed is None else self._allowed.copy()
         if flt is not None:
-            mask = np.ones(available, dtype=bool)
+            mask = np.ones(available, dtype=bool) if mask is None else mask
             for column, value in flt.items():
                 mask &= self._meta[column] == value
+        if mask is not None:
             available = int(mask.sum())
             if available == 0:
                 return np.full((len(q), kk), -np.inf, np.float32), np.full((len(q), kk), -1, np.int64)
