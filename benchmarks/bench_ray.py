@@ -6,8 +6,10 @@ The runs are interleaved in rounds (local, then Ray; the next round Ray first, t
 in its own fresh cache, so that other jobs on a shared machine slow both sides alike; the local
 runner runs with no Ray cluster up (the cluster is started before, and shut down after, each
 round's Ray runs; its start is not in the timings). The table gives each run's images/s, the
-load average at its end, and the ratio to the local run of the same round; the median ratio is
-the number to quote. Ends with a *projected* table for N nodes, computed from the measured
+load average at its end, the ratio to the local run of the same round (the median ratio is the
+number to quote), and where this run's CPU seconds went: the driver, its DataLoader workers
+(reaped children), Ray's workers (actors, decode tasks) and Ray's system processes (raylet, GCS,
+agents). Ends with a *projected* table for N nodes, computed from the measured
 per-worker rate (a projection, not a measurement: it assumes linear scaling and images already
 on fast storage).
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil  # pinned in constraints.txt (ipython and the notebooks bring it)
 from _machine import cpu_line
 
 from vrec_utils.catalog import load_catalog
@@ -38,13 +41,37 @@ PROJECTED_NODES = (1, 4, 16, 64)
 PROJECTED_IMAGES = (10_000_000, 100_000_000)
 
 
+CPU_KINDS = ("driver", "reaped children", "other children", "ray workers", "ray system")
 RAY_SETUPS = (("ray fused", 1, None), ("ray fused", 2, None), ("ray split", 1, False))  # (label, workers, fuse)
 
 
+def cpu_seconds() -> dict[tuple[str, int], float]:
+    """CPU seconds (user + system) so far of this process, the children it reaped (DataLoader
+    workers) and each live descendant (Ray's system processes and its workers), keyed by
+    (kind, pid): where the cores went during a run."""
+    me = psutil.Process()
+    own = me.cpu_times()
+    out = {("driver", 0): own.user + own.system, ("reaped children", 0): own.children_user + own.children_system}
+    for child in me.children(recursive=True):
+        try:
+            command, times = " ".join(child.cmdline()[:2]), child.cpu_times()
+        except psutil.Error:
+            continue
+        kind = "ray workers" if command.startswith("ray::") else "ray system" if "ray" in command else "other children"
+        out[(kind, child.pid)] = times.user + times.system
+    return out
+
+
 def run(label, catalog, factory, workdir, batch_size, runner=None) -> dict:
+    before = cpu_seconds()
     result = extract_image_embeddings(catalog, factory(), workdir, batch_size=batch_size, precision="fp32", progress=False, runner=runner)
+    after = cpu_seconds()
     print(f"{label}: {result.summary()}", flush=True)
-    return {"result": result, "images/s": result.images_per_second, "seconds": result.seconds, "load avg": os.getloadavg()[0]}
+    spent = {kind: 0.0 for kind in CPU_KINDS}
+    for (kind, pid), seconds in after.items():
+        spent[kind] += seconds - before.get((kind, pid), 0.0)
+    return {"result": result, "images/s": result.images_per_second, "seconds": result.seconds, "load avg": os.getloadavg()[0],
+            **{f"cpu s {kind}": round(value, 1) for kind, value in spent.items()}}  # fmt: skip
 
 
 def local_run(catalog, factory, root, batch_size) -> dict:

@@ -45,6 +45,9 @@ from ..store import EmbeddingCache
 
 RAY_VERSION = "2.60.0"
 RAY_INSTALL = f"pip install 'vrec[ray]'   (or: pip install 'ray[data]=={RAY_VERSION}')"
+# a fused actor's task: this many batches (its first batch's decoding is not overlapped; a block
+# per cache chunk of 512 left the second actor idle on runs of under two chunks)
+FUSED_BLOCK_BATCHES = 8
 DEFAULT_OBJECT_STORE_BYTES = 200 * 1024**2  # a local cluster started here: small, the machine is shared
 
 
@@ -210,11 +213,13 @@ class RayRunner:
         return self.options.describe()
 
     def dataset(self, ray, todo: pd.DataFrame, embedder: Embedder, *, batch_size: int, precision: str, normalize: bool, chunk_size: int):
-        """The Ray Dataset of (id, error, vector) rows: one block of paths per cache chunk."""
+        """The Ray Dataset of (id, error, vector) rows: one block of paths per cache chunk (fused:
+        per FUSED_BLOCK_BATCHES batches, so that every actor gets work on small runs too)."""
         options = self.options
+        rows = min(chunk_size, FUSED_BLOCK_BATCHES * batch_size) if options.fused else chunk_size
         shards = [
-            pd.DataFrame({"id": todo.index[b : b + chunk_size].astype(str), "path": todo["image"].iloc[b : b + chunk_size].astype(str).to_numpy()})
-            for b in range(0, len(todo), chunk_size)
+            pd.DataFrame({"id": todo.index[b : b + rows].astype(str), "path": todo["image"].iloc[b : b + rows].astype(str).to_numpy()})
+            for b in range(0, len(todo), rows)
         ]
         dataset = ray.data.from_pandas(shards)
         actor = {"factory": self.factory, "identity": embedder.identity(), "precision": precision, "normalize": normalize, "threads": options.threads}
