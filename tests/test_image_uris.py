@@ -1,5 +1,7 @@
 """Image paths that are URIs: ``file://`` directly, ``s3://`` for real against a local S3
-emulator (moto's server), and the fail-fast error of a protocol whose package is missing.
+emulator (moto's server), ``gs://`` against fake-gcs-server (a Go program: scripts/test.sh
+builds it and sets ``VREC_TEST_FAKE_GCS_SERVER``; without it the gs:// test skips), and the
+fail-fast error of a protocol whose package is missing.
 
 The S3 emulator: moto[server] (5.2.5) in this process when it imports here, else a ``moto_server``
 executable (``VREC_TEST_MOTO_SERVER`` or on PATH) started on a free port. moto needs botocore,
@@ -219,3 +221,63 @@ def test_s3_images_on_the_ray_runner(s3_catalog, local_copy, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(remote.embeddings.vectors), np.asarray(local.embeddings.vectors))
     assert remote.skipped["id"].tolist() == ["missing-1"]
     assert capsys.readouterr().err.count("skipped missing-1:") == 1
+
+
+# ------------------------------------------------------------------------------------ gs:// on fake-gcs-server
+
+
+@pytest.fixture(scope="module")
+def gcs_catalog(local_copy, fashion_small_dir, tmp_path_factory):
+    """fake-gcs-server (``VREC_TEST_FAKE_GCS_SERVER`` or on PATH; scripts/test.sh builds it with
+    Go) serving the N_IMAGES images from gs://vrec-test/images/, STORAGE_EMULATOR_HOST pointing
+    at it, and a catalog of gs:// URIs plus one row whose object does not exist."""
+    pytest.importorskip("pyarrow.fs")
+    command = os.environ.get("VREC_TEST_FAKE_GCS_SERVER") or shutil.which("fake-gcs-server")
+    if not command or not os.access(command, os.X_OK):
+        pytest.skip("no GCS emulator: scripts/test.sh builds fake-gcs-server with Go (go install github.com/fsouza/fake-gcs-server@v1.56.1) and sets VREC_TEST_FAKE_GCS_SERVER")
+    data = tmp_path_factory.mktemp("gcs-data")
+    shutil.copytree(local_copy / "images", data / BUCKET / "images")  # -data: one folder per bucket, loaded at start
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [command, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-public-host", f"127.0.0.1:{port}",
+         "-backend", "memory", "-data", str(data), "-log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{endpoint}/storage/v1/b/{BUCKET}", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(f"fake-gcs-server exited with {process.returncode}")
+                time.sleep(0.1)
+        saved = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+        image_files._filesystem.cache_clear()
+        root = tmp_path_factory.mktemp("gcs-catalog")
+        missing = {"id": "missing-1", "image": f"gs://{BUCKET}/images/missing-1.jpg", "articleType": "Tshirts"}
+        yield load_catalog(write_catalog(root, fashion_small_dir, lambda i: f"gs://{BUCKET}/images/{i}.jpg", [missing]))
+        if saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+        image_files._filesystem.cache_clear()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_gs_images_embed_like_local_paths_and_a_missing_object_is_skipped_once(gcs_catalog, local_copy, tmp_path, capsys):
+    local = extract(load_catalog(local_copy), tmp_path / "local", num_workers=0)
+    capsys.readouterr()
+    remote = extract(gcs_catalog, tmp_path / "gs", num_workers=2)  # forked DataLoader workers read GCS too
+    assert remote.embeddings.ids.tolist() == local.embeddings.ids.tolist()
+    np.testing.assert_array_equal(np.asarray(remote.embeddings.vectors), np.asarray(local.embeddings.vectors))
+    assert remote.skipped["id"].tolist() == ["missing-1"] and "object not found" in remote.skipped["reason"].iloc[0]
+    assert capsys.readouterr().err.count("skipped missing-1:") == 1
+    again = extract(gcs_catalog, tmp_path / "gs", num_workers=0)  # digests from the memo (object versions)
+    assert again.n_new == 0 and again.skipped["id"].tolist() == ["missing-1"]
+    ids = local.embeddings.ids.tolist()
+    assert image_files.read_bytes(gcs_catalog.image_path(ids[3])) == (local_copy / "images" / f"{ids[3]}.jpg").read_bytes()

@@ -6,7 +6,8 @@ protocol fsspec knows). Local paths are read with ``open``; URIs through fsspec.
 filesystems (C++ SDKs, no botocore), wrapped by fsspec's ``ArrowFSWrapper``: ``vrec[cloud]``
 installs pyarrow. Credentials and endpoints come from the standard environment: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
-``AWS_ENDPOINT_URL`` (an S3-compatible store) and ``GOOGLE_APPLICATION_CREDENTIALS``.
+``AWS_ENDPOINT_URL`` (an S3-compatible store), ``GOOGLE_APPLICATION_CREDENTIALS`` and
+``STORAGE_EMULATOR_HOST`` (a GCS emulator such as fake-gcs-server: anonymous, its scheme and host).
 
 A missing or unreadable object raises :class:`ImageSourceError` (extraction reports it in
 ``skipped.csv`` like an unreadable local file); a protocol whose package is missing raises
@@ -128,6 +129,10 @@ def _arrow_filesystem(kind: str) -> fsspec.AbstractFileSystem | None:
     except ImportError:
         return None
     if kind == "gcs":
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")  # the GCS emulators' variable (gcsfs and Google's clients read it too)
+        if emulator:
+            parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+            return ArrowFSWrapper(pafs.GcsFileSystem(anonymous=True, endpoint_override=parsed.netloc, scheme=parsed.scheme))
         return ArrowFSWrapper(pafs.GcsFileSystem())
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     options = {}
