@@ -14,7 +14,13 @@ import pytest
 
 from vrec_utils.cli import main
 from vrec_utils.index import IndexBackendError, build_index, ivf_ondisk
-from vrec_utils.index.ivf_ondisk import IvfOnDiskIndex, OnDiskIvfIndex, build, plan_ivf, recall_at_k
+from vrec_utils.index.ivf_ondisk import (
+    IvfOnDiskIndex,
+    OnDiskIvfIndex,
+    build,
+    plan_ivf,
+    recall_at_k,
+)
 
 
 def shards_of(ids, vectors, size):
@@ -40,13 +46,44 @@ def test_sharded_ondisk_ivf_equals_in_memory_ivf_with_the_same_training(real, tm
     params = faiss.SearchParametersIVF(nprobe=2)
     want_scores, want_labels = memory.search(vectors[:50], 10, params=params)
     reopened = OnDiskIvfIndex.open(tmp_path / "ivf")
-    got_scores, got_labels = reopened.search_labels(vectors[:50], 10)
+    got_scores, got_labels = reopened.search_labels(vectors[:50], 10, refine_factor=1)  # the codes alone
     np.testing.assert_array_equal(got_labels, want_labels)
     np.testing.assert_array_equal(got_scores, want_scores)
-    found_ids, _ = reopened.search(vectors[:50], 10)
-    assert found_ids.tolist() == ids[want_labels].tolist()
+    found_ids, _ = reopened.search(vectors[:50], 10)  # ids of the (re-ranked) labels
+    assert found_ids.tolist() == ids[reopened.search_labels(vectors[:50], 10)[1]].tolist()
     # lists are on disk, not in the index object: read memory-mapped
     assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(reopened.index).invlists), faiss.OnDiskInvertedLists)
+
+
+def test_refine_reranks_the_codes_candidates_by_exact_inner_product(real, tmp_path):
+    _, _, embeddings = real
+    ids = np.asarray(embeddings.ids, dtype=str)
+    vectors = np.ascontiguousarray(embeddings.vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    plan = plan_ivf(n, dim, memory_budget=n * (4 + ivf_ondisk.ID_BYTES) + 6 * dim * 4, nlist=6, nprobe=2)  # PQ4: coarse codes
+    ondisk = build(plan, shards_of(ids, vectors, 70), tmp_path / "ivf", sample=vectors, workers=2)
+    assert np.array_equal(np.fromfile(tmp_path / "ivf" / ivf_ondisk.VECTORS, dtype=np.float32).reshape(n, dim), vectors)
+    queries = vectors[:50]
+    # by hand: the codes' 4k candidates, ordered by their exact inner products
+    _, candidates = ondisk.search_labels(queries, 40, refine_factor=1)
+    exact = np.einsum("nkd,nd->nk", vectors[candidates], queries)
+    want = np.take_along_axis(candidates, np.argsort(-exact, axis=1, kind="stable")[:, :10], axis=1)
+    scores, labels = ondisk.search_labels(queries, 10)
+    assert ondisk.refine_factor == ivf_ondisk.REFINE_FACTOR == 4 and "re-ranked x4" in ondisk.name
+    np.testing.assert_array_equal(labels, want)
+    np.testing.assert_allclose(scores, np.einsum("nkd,nd->nk", vectors[labels], queries), rtol=1e-5, atol=1e-6)
+    flat_labels = faiss.IndexFlatIP(dim)
+    flat_labels.add(vectors)
+    truth = flat_labels.search(queries, 10)[1]
+    codes_only = ondisk.search_labels(queries, 10, refine_factor=1)[1]
+    assert recall_at_k(labels, truth) > recall_at_k(codes_only, truth)  # PQ4 alone misorders; re-ranking mends it
+    # chunked re-ranking (tiny chunks) gives the same answer
+    chunked = ivf_ondisk.rerank(queries, candidates, ondisk.vectors, 10, chunk_bytes=1)
+    np.testing.assert_array_equal(chunked[1], labels)
+    # refine=False keeps no vectors and searches the codes alone
+    plain = build(plan, shards_of(ids, vectors, 70), tmp_path / "plain", sample=vectors, workers=2, refine=False)
+    assert plain.vectors is None and not (tmp_path / "plain" / ivf_ondisk.VECTORS).exists()
+    np.testing.assert_array_equal(plain.search_labels(queries, 10)[1], codes_only)
 
 
 def test_memory_budget_chooses_sq8_then_smaller_pq_codes():
