@@ -66,8 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill-augment-wise-ft-shift": {"distill": 1.0, "augment_views": 1, "mix": "weights", "select_on": "shift"},
     # Round 2 (benchmarks/results/finetune_recipes_round2.md): every candidate chooses its output mix
     # on the selection half with ROUND2_TOLERANCE, and every training is measured with and without
-    # the in-domain gate; the study's default is the best validation gain among them. (The diagonal
-    # and low-rank heads and distillation at weight 10 were planned but not run in the time: not here.)
+    # the in-domain gate; the study's default is the best validation gain among them.
     "alpha-mix-shift-tol": {**_ROUND2},
     "lp-ft-shift": {**_ROUND2, "probe_epochs": 3},
     "l2sp-shift": {**_ROUND2, "l2sp": 1e-3},
@@ -76,6 +75,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gated-lp-ft-shift": {**_ROUND2, **_GATE, "probe_epochs": 3},
     "gated-l2sp-shift": {**_ROUND2, **_GATE, "l2sp": 1e-3},
     "gated-distill3-augment-shift": {**_ROUND2, **_GATE, "distill": 3.0, "augment_views": 1},
+    # Round 3 (benchmarks/results/finetune_recipes_round3.md): candidates for more in-domain gain
+    # inside the gate, each measured with and without it (the rule and the protocol of round 2).
+    "diagonal-shift": {**_ROUND2, "image_head": "diagonal"},
+    "gated-diagonal-shift": {**_ROUND2, **_GATE, "image_head": "diagonal"},
+    "low-rank-shift": {**_ROUND2, "image_rank": 16},
+    "gated-low-rank-shift": {**_ROUND2, **_GATE, "image_rank": 16},
+    "alpha-mix-60ep-shift": {**_ROUND2, "epochs": 60},
+    "gated-alpha-mix-60ep-shift": {**_ROUND2, **_GATE, "epochs": 60},
+    "distill10-augment-shift": {**_ROUND2, "distill": 10.0, "augment_views": 1},
+    "gated-distill10-augment-shift": {**_ROUND2, **_GATE, "distill": 10.0, "augment_views": 1},
 }
 
 #: The recipe ``vrec finetune --base mini-siglip`` uses, chosen by the round-2 study's stated rule
