@@ -24,6 +24,10 @@ Usage::
     .venv/bin/python benchmarks/bench_finetune_recipes.py --out benchmarks/results/finetune_recipes_round2 \
         --recipes alpha-mix,alpha-mix-shift-tol,gated-alpha-mix-shift,lp-ft,lp-ft-shift,gated-lp-ft-shift,l2sp-shift,gated-l2sp-shift,distill3-augment-shift,gated-distill3-augment-shift
 
+    # round 3 (benchmarks/results/finetune_recipes_round3.md): the round-2 rows plus
+    #   diagonal-shift,gated-diagonal-shift,low-rank-shift,gated-low-rank-shift,alpha-mix-60ep-shift,
+    #   gated-alpha-mix-60ep-shift,distill10-augment-shift,gated-distill10-augment-shift
+
 A rerun reuses the cached features and finished runs (ensure_finetuned).
 """
 
