@@ -68,6 +68,7 @@ def plot_tradeoff(study, tolerance: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 recipes, each its own colour
     for name, alpha in study.alpha_tables.items():
         if "shift_select_ndcg@5" not in alpha:
             continue
