@@ -24,6 +24,10 @@ Usage::
     .venv/bin/python benchmarks/bench_finetune_recipes.py --out benchmarks/results/finetune_recipes_round2 \
         --recipes alpha-mix,alpha-mix-shift-tol,gated-alpha-mix-shift,lp-ft,lp-ft-shift,gated-lp-ft-shift,l2sp-shift,gated-l2sp-shift,distill3-augment-shift,gated-distill3-augment-shift
 
+    # round 3 (benchmarks/results/finetune_recipes_round3.md): the round-2 rows plus
+    #   diagonal-shift,gated-diagonal-shift,low-rank-shift,gated-low-rank-shift,alpha-mix-60ep-shift,
+    #   gated-alpha-mix-60ep-shift,distill10-augment-shift,gated-distill10-augment-shift
+
 A rerun reuses the cached features and finished runs (ensure_finetuned).
 """
 
@@ -64,6 +68,7 @@ def plot_tradeoff(study, tolerance: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 recipes, each its own colour
     for name, alpha in study.alpha_tables.items():
         if "shift_select_ndcg@5" not in alpha:
             continue

@@ -442,3 +442,18 @@ def test_cli_default_recipe_is_the_study_default_and_falls_back_without_a_shift_
     assert bare.select_on == "val" and bare.shift_catalog is None  # no shift catalog: chosen on validation, and said so
     if RECIPES[DEFAULT_RECIPE].get("select_on") == "shift":
         assert bare.recipe == f"{DEFAULT_RECIPE}@val" and "chosen on validation" in capsys.readouterr().err
+
+
+def test_every_recipe_builds_and_gated_twins_share_their_training(shifted_catalog):
+    """Each recipe is a valid config; a gated recipe and its ungated twin differ only in selection
+    fields, so the study trains them once (the round-2/3 tables rely on it)."""
+    from vrec_utils.train.recipes import RECIPES
+
+    shift = shifted_catalog.root / "catalog.csv"
+    configs = {name: recipe_config(name, FinetuneConfig(), shift) for name in RECIPES}
+    twins = [(name, name[len("gated-"):]) for name in RECIPES if name.startswith("gated-") and name[len("gated-"):] in RECIPES]
+    assert len(twins) >= 8
+    for gated, plain in twins:
+        assert configs[gated].in_domain_gate == 0.99 and configs[plain].in_domain_gate is None
+        assert configs[gated].training_dict() == configs[plain].training_dict()
+    assert configs["gated-alpha-mix-60ep-shift"].epochs == 60 and configs["distill10-augment-shift"].distill == 10.0

@@ -193,6 +193,8 @@ def test_profiles_and_names(tmp_path):
     model_dir.mkdir(parents=True)
     (model_dir / "vrec_model.json").write_text(json.dumps({"family": "mini-siglip", "base": "mini-siglip", "config": {"eval_fraction": 0.5, "split_seed": 3}}))
     assert profiles.display_name(f"local:{tmp_path / 'run'}") == "mini-siglip fine-tuned"
+    (model_dir / "vrec_model.json").write_text(json.dumps({"family": "mini-siglip", "base": "mini-siglip", "recipe": {"name": "alpha-mix"}}))
+    assert profiles.display_name(f"local:{tmp_path / 'run'}") == "mini-siglip fine-tuned (alpha-mix)"  # the recipe shown
     assert profiles.display_name("efficientnet-lite0") == "efficientnet-lite0"
 
 

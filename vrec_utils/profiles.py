@@ -164,12 +164,15 @@ def _resolve_model(
 
 
 def display_name(model: str) -> str:
-    """A short, readable name for figures: ``local:.../model`` becomes ``<base> fine-tuned``."""
+    """A short, readable name for figures: ``local:.../model`` becomes ``<base> fine-tuned``, and
+    ``<base> fine-tuned (<recipe>)`` when the model records its robustness recipe (the offline
+    profile trains plain ``alpha-mix``, not the study's ``DEFAULT_RECIPE``: the name says which)."""
     if local_model_dir(model) is None:
         return model
-    meta = _local_model_json(model)
-    base = (meta or {}).get("base") or (meta or {}).get("family") or local_model_dir(model).name
-    return f"{base} fine-tuned"
+    meta = _local_model_json(model) or {}
+    base = meta.get("base") or meta.get("family") or local_model_dir(model).name
+    recipe = (meta.get("recipe") or {}).get("name")
+    return f"{base} fine-tuned" + (f" ({recipe})" if recipe else "")
 
 
 def _local_model_json(model: str) -> dict[str, Any] | None:

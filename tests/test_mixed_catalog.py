@@ -1,0 +1,121 @@
+"""The mixed-catalogue check: the label mapping, the cross-domain measures against direct
+computations (sklearn's nDCG), and a gated run measured on one index of studio and photo items."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import ndcg_score
+
+from vrec_utils.catalog import load_catalog
+from vrec_utils.models import create_embedder
+from vrec_utils.store import load_embeddings
+from vrec_utils.studies.mixed_catalog import (
+    VARIANTS,
+    cross_domain_ndcg,
+    cross_domain_share,
+    mixed_catalog_check,
+    shared_kinds,
+)
+from vrec_utils.train import FinetuneConfig, finetune, shift_halves
+
+FAST = FinetuneConfig(epochs=2, batch_size=32, lr=3e-3, warmup_steps=2, val_fraction=0.2, eval_fraction=0.25, in_domain_gate=0.99)
+#: sample articleType -> a clothing-dev label, for photo stand-ins made of sample images
+TO_PHOTO_LABEL = {"Tshirts": "Polo", "Shirts": "Shirt", "Tops": "Blouse", "Casual Shoes": "Shoes", "Sports Shoes": "Shoes", "Heels": "Shoes"}
+
+
+def test_shared_kinds_map_both_taxonomies_and_keep_unmapped_kinds_apart():
+    studio = pd.DataFrame({
+        "articleType": ["Tshirts", "Heels", "Jeans", "Watches", "Tops"],
+        "masterCategory": ["Apparel", "Footwear", "Apparel", "Accessories", "Apparel"],
+    })  # fmt: skip
+    photo = pd.DataFrame({"label": ["Longsleeve", "Polo", "Shoes", "Pants", "Body", "Blouse"]})
+    assert shared_kinds(studio, "studio").tolist() == ["T-shirt", "Shoes", "Pants", "studio:Watches", "Top"]
+    assert shared_kinds(photo, "photo").tolist() == ["T-shirt", "T-shirt", "Shoes", "Pants", "photo:Body", "Top"]
+    with pytest.raises(ValueError, match="side"):
+        shared_kinds(photo, "home")
+
+
+def test_cross_domain_ndcg_matches_sklearn_per_query():
+    rng = np.random.default_rng(0)
+    queries, candidates = rng.normal(size=(12, 6)), rng.normal(size=(40, 6))
+    q_kinds = np.array(list("abcz") * 3)  # "z": no relevant candidate
+    c_kinds = rng.choice(list("abcd"), size=40)
+    got = cross_domain_ndcg(queries, q_kinds, candidates, c_kinds, k=5)
+    sims = queries @ candidates.T
+    for i in range(len(queries)):
+        relevant = (c_kinds == q_kinds[i]).astype(float)
+        if relevant.sum() == 0:
+            assert np.isnan(got[i])
+        else:
+            assert got[i] == pytest.approx(ndcg_score(relevant[None], sims[i][None], k=5), abs=1e-6)
+
+
+def test_cross_domain_share_counts_top_neighbours_from_the_other_domain():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(15, 4))
+    domains = np.array(["s"] * 9 + ["p"] * 6)
+    got = cross_domain_share(x, domains, k=3)
+    for i in range(15):
+        sims = x @ x[i]
+        sims[i] = -np.inf
+        top = np.argsort(-sims)[:3]
+        assert got[i] == pytest.approx(np.mean(domains[top] != domains[i]))
+
+
+@pytest.fixture(scope="module")
+def mixed_run(sample_catalog, tmp_path_factory):
+    """A gated run on 128 sample items, and 48 other sample images as 'photos' (clothing-dev layout)."""
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "images").mkdir()
+    picked = [i for i in sample_catalog.ids[150:] if sample_catalog.items.at[i, "articleType"] in TO_PHOTO_LABEL][:48]
+    rows = []
+    for n, item_id in enumerate(picked):
+        shutil.copy(sample_catalog.image_path(item_id), folder / "images" / f"{item_id}.jpg")
+        rows.append({"id": f"p{item_id}", "image": f"images/{item_id}.jpg", "label": TO_PHOTO_LABEL[sample_catalog.items.at[item_id, "articleType"]], "sender_id": str(n % 12)})
+    pd.DataFrame(rows).to_csv(folder / "catalog.csv", index=False)
+    photos = load_catalog(folder / "catalog.csv")
+    work = tmp_path_factory.mktemp("mixed-work")
+    studio = sample_catalog.head(128)
+    result = finetune(studio, "mini-siglip", work / "run", workdir=work, config=FAST, device="cpu", progress=False)
+    return studio, photos, work, result
+
+
+def test_mixed_check_variants_and_routing(mixed_run):
+    studio, photos, work, result = mixed_run
+    check = mixed_catalog_check(studio, photos, work, result.model_name, config=FAST, n_bootstrap=200)
+    _, report = shift_halves(photos, FAST.shift_group, FAST.shift_seed)
+    assert check.n_photo == len(report) and 0 < check.n_studio < len(studio)
+    table = check.table.set_index(["queries", "comparison"])
+    assert set(table.index.get_level_values(0)) == {"all", "studio", "photo", "photo -> studio only"}
+    assert (table["ci_low"] <= table["diff"]).all() and (table["diff"] <= table["ci_high"]).all()
+    # photo -> studio against a direct computation on the base vectors
+    base_photo = load_embeddings(work, photos, "efficientnet-lite0").vectors_for(report)
+    split_eval = check_ids(studio)
+    assert check.n_studio == len(split_eval)
+    base_studio = load_embeddings(work, studio, "efficientnet-lite0").vectors_for(split_eval)
+    kinds_p = shared_kinds(photos.items.loc[list(report)], "photo").to_numpy()
+    kinds_s = shared_kinds(studio.items.loc[split_eval], "studio").to_numpy()
+    direct = cross_domain_ndcg(base_photo, kinds_p, base_studio, kinds_s)
+    row = table.loc[("photo -> studio only", f"{VARIANTS[1]} vs {VARIANTS[0]}")]
+    assert row["ndcg@5 a"] == pytest.approx(np.nanmean(direct), abs=1e-6) and row["n_queries"] == int((~np.isnan(direct)).sum())
+    # routing: a query outside the gate searches base vectors, inside it the served ones
+    heads = create_embedder(result.model_name, device="cpu").heads
+    with torch.no_grad():
+        inside = heads.gate(torch.from_numpy(np.asarray(base_photo, dtype=np.float32))).bool().numpy()
+    routed = table.loc[("photo -> studio only", f"{VARIANTS[3]} vs {VARIANTS[0]}")]
+    if not inside.any():  # every photo outside the gate: routed is exactly the base model there
+        assert routed["diff"] == 0.0
+    neighbours = check.neighbours.set_index(["queries", "variant"])
+    assert neighbours["top-5 from the other domain"].between(0, 1).all()
+
+
+def check_ids(studio):
+    """The studio evaluation items the check indexes (the split's evaluation part, no duplicates in the sample)."""
+    from vrec_utils.catalog import split_catalog
+
+    return list(split_catalog(studio, FAST.eval_fraction, FAST.split_seed).eval)
