@@ -84,6 +84,7 @@ class _OpenVINOTower:
         self.hint = inference_precision(self.ov, precision)
         self.precision = "bf16" if self.hint == "bf16" else "fp32"
         self.reason = reason
+        self.precision_choice: dict | None = None  # set where precision auto was measured
         self.check_cosine = float("nan")
         self.directory = engine_directory(cache_root, embedder, self.hint, self.input_key(), self.ov.__version__, self.tower)
         self.reused = (self.directory / "model.xml").is_file() and (self.directory / "model.bin").is_file()
