@@ -19,7 +19,7 @@ from vrec_utils.extract import extract_image_embeddings
 def timings(fp32: float, bf16: float, bf16_cosine: float = 0.99995):
     """A stand-in for auto_precision.measure giving these seconds per call (8 images each)."""
 
-    def fake(built, pixels, reference, **_):
+    def fake(built, pixels, reference, **_):  # noqa: ARG001
         assert set(built) == {"fp32", "bf16"}
         return {"fp32": Measurement(fp32, 1.0, 8), "bf16": Measurement(bf16, bf16_cosine, 8)}
 
@@ -70,6 +70,9 @@ def test_measure_times_each_candidate_and_its_cosine_on_the_check_batch():
     assert measured["fp32"].min_cosine == pytest.approx(1.0) and measured["bf16"].min_cosine == pytest.approx(-1.0)
     assert slow.calls == [32, 8, 8, 8]  # the cosine on all 32, a warm-up and two timed calls on 8
     assert pick(measured)[0] == "fp32"
+    clock[0], slow.calls = 0.0, []
+    again = measure({"fp32": slow, "bf16": fast}, torch.zeros(32, 3, 4, 4), reference, warmups=1, repeats=2, clock=lambda: clock[0], exact="fp32")
+    assert slow.calls == [8, 8, 8] and again["fp32"].min_cosine == 1.0  # torch fp32 is the reference: not run on all 32 again
 
 
 def test_the_decision_is_measured_once_and_reused(tmp_path, two_candidates, monkeypatch):

@@ -53,7 +53,7 @@ def select_engine(
             if not measured:
                 engine = OpenVINOEngine(embedder, openvino_precision(precision), example_batch(embedder), Path(cache_root), "", check)
             else:
-                engine = _auto_openvino(embedder, Path(cache_root), pixels, check)
+                engine = _auto_openvino(embedder, Path(cache_root), pixels)
         except ExportError as exc:
             why_torch = f"torch: {embedder.name} did not export to OpenVINO ({exc}); fell back to torch"
         else:
@@ -63,27 +63,29 @@ def select_engine(
         return TorchEngine(embedder, resolve_precision(precision, embedder.device), why_torch)
     candidates = ["fp32", "bf16"] if bf16_is_native(embedder.device) else ["fp32"]
     engine, record = decide(
-        lambda p: TorchEngine(embedder, p, why_torch), candidates, embedder, pixels, engine="torch", version=torch.__version__, cache_root=cache_root
+        lambda p, check, reference: TorchEngine(embedder, p, why_torch), candidates, embedder, pixels, engine="torch", version=torch.__version__, cache_root=cache_root,
+        exact="fp32",
     )  # fmt: skip
     engine.precision_choice = record
     engine.reason = f"{why_torch}; {decision_line(record)}"
     return engine
 
 
-def _auto_openvino(embedder: Embedder, cache_root: Path, pixels: torch.Tensor, check: torch.Tensor | None) -> OpenVINOEngine:
+def _auto_openvino(embedder: Embedder, cache_root: Path, pixels: torch.Tensor) -> OpenVINOEngine:
     """The OpenVINO engine for precision ``auto``: f32 or the bf16 hint, whichever
     :func:`~.auto_precision.decide` measures (or measured earlier) as the faster within the bar."""
     ov = openvino_module()
     candidates = ["fp32", "bf16"] if inference_precision(ov, "bf16") == "bf16" else ["fp32"]
     example = example_batch(embedder)
 
-    def build(precision: str) -> OpenVINOEngine:
-        return OpenVINOEngine(embedder, precision, example, cache_root, "", check)
+    def build(precision: str, check: torch.Tensor, reference: torch.Tensor | None) -> OpenVINOEngine:
+        return OpenVINOEngine(embedder, precision, example, cache_root, "", check, reference)
 
     engine, record = decide(build, candidates, embedder, pixels, engine="openvino", version=ov.__version__, cache_root=cache_root)
     if engine.hint == "bf16" and not engine.check_cosine >= F32_BAR:  # decided on another catalog's images
-        engine = build("fp32")
-        record = {**record, "precision": "fp32", "reason": f"auto: fp32 (bf16 min cosine {engine.check_cosine:.4f} < {F32_BAR} on this run's images)"}
+        below = engine.check_cosine
+        engine = build("fp32", pixels[:8], None)
+        record = {**record, "precision": "fp32", "reason": f"auto: fp32 (bf16 min cosine {below:.4f} < {F32_BAR} on this run's images)"}
     engine.precision_choice = record
     return engine
 

@@ -37,7 +37,7 @@ from .torch_engine import cpu_flags, cpu_model
 
 #: how much faster bf16 must run than fp32 to be chosen (timings under load wobble by a few %)
 MIN_GAIN = 1.05
-WARMUPS, REPEATS, TIMED_IMAGES = 2, 3, 8
+WARMUPS, REPEATS, TIMED_IMAGES = 2, 2, 8
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx_vnni", "avx512_vnni"}  # shown in the record; all flags are in the key  # a frozen torch trace is optimised over its first calls: time after them
 
 
@@ -58,16 +58,20 @@ class Measurement:
 
 def measure(
     engines: Mapping[str, Any], pixels: torch.Tensor, reference: torch.Tensor, *, warmups: int = WARMUPS, repeats: int = REPEATS,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] = time.perf_counter, exact: str | None = None,
 ) -> dict[str, Measurement]:  # fmt: skip
     """Each candidate's min cosine to ``reference`` (torch fp32) on all of ``pixels``, and its time
     for ``engine.encode_images`` on the first :data:`TIMED_IMAGES` (best of ``repeats``, rounds
-    interleaved, after ``warmups`` calls)."""
+    interleaved, after ``warmups`` calls). ``exact``: the candidate that computed ``reference``
+    (torch fp32 itself: cosine 1 without running it on all of ``pixels`` again)."""
     timed = pixels[:TIMED_IMAGES]
     cosines = {}
     for name, engine in engines.items():
-        out = engine.encode_images(pixels)
-        cosines[name] = torch.nn.functional.cosine_similarity(out.float(), reference.float()).min().item()
+        if name == exact:
+            cosines[name] = 1.0
+        else:
+            out = engine.encode_images(pixels)
+            cosines[name] = torch.nn.functional.cosine_similarity(out.float(), reference.float()).min().item()
         for _ in range(warmups):
             engine.encode_images(timed)
     best = dict.fromkeys(engines, float("inf"))
@@ -124,29 +128,32 @@ def write_decision(path: Path, record: dict) -> None:
 
 
 def decide(
-    build: Callable[[str], Any], candidates: list[str], embedder: Embedder, pixels: torch.Tensor, *, engine: str, version: str,
-    cache_root: str | os.PathLike,
+    build: Callable[..., Any], candidates: list[str], embedder: Embedder, pixels: torch.Tensor, *, engine: str, version: str,
+    cache_root: str | os.PathLike, exact: str | None = None,
 ) -> tuple[Any, dict]:  # fmt: skip
     """The engine for ``auto`` and the decision record (``precision``, ``reason``, the measured
     ``candidates``, ``cached``): read from the decision file, or measured now and written there.
-    ``build(precision)`` makes an engine; fp32's failures propagate, bf16's count as a loss."""
+    ``build(precision, check, reference)`` makes an engine checked on ``check`` (torch fp32 gave
+    ``reference`` there, None: compute it); fp32's failures propagate, bf16's count as a loss. A
+    decision read from disk builds with the first :data:`TIMED_IMAGES` checked, as a plain run.
+    ``exact``: the candidate that is torch fp32 itself (see :func:`measure`)."""
     path, fields = decision_path(cache_root, embedder, engine, version, tuple(pixels.shape))
     if len(candidates) == 1:
-        return build("fp32"), {"precision": "fp32", "reason": "auto: fp32 (this CPU has no bf16)", "cached": False}
+        return build("fp32", pixels[:TIMED_IMAGES], None), {"precision": "fp32", "reason": "auto: fp32 (this CPU has no bf16)", "cached": False}
     earlier = read_decision(path)
     if earlier is not None:
-        return build(earlier["precision"]), {**earlier, "cached": True, "file": str(path)}
+        return build(earlier["precision"], pixels[:TIMED_IMAGES], None), {**earlier, "cached": True, "file": str(path)}
+    with torch.inference_mode():
+        reference = embedder.encode_image(pixels.to(embedder.device)).float().cpu()
     built, failed = {}, {}
     for precision in candidates:
         try:
-            built[precision] = build(precision)
+            built[precision] = build(precision, pixels, reference)
         except ExportError as exc:
             if precision == "fp32":
                 raise
             failed[precision] = Measurement(float("nan"), float("nan"), len(pixels), str(exc))
-    with torch.inference_mode():
-        reference = embedder.encode_image(pixels.to(embedder.device)).float().cpu()
-    measured = {**measure(built, pixels, reference), **failed}
+    measured = {**measure(built, pixels, reference, exact=exact), **failed}
     precision, reason = pick(measured)
     record = {
         "precision": precision, "reason": reason, "key": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
