@@ -144,3 +144,24 @@ def test_a_real_auto_run_on_openvino(tmp_path, small_catalog):
         measured = {n: Measurement(c["seconds"], c["min_cosine"], c["images"], c["error"]) for n, c in choice["candidates"].items()}
         assert pick(measured) == (choice["precision"], choice["reason"])
 
+
+
+def test_the_second_precision_hint_compiles_the_first_ones_ir_without_exporting(tmp_path, monkeypatch):
+    ov = pytest.importorskip("openvino")
+    from vrec_utils.engines import openvino_engine
+
+    if openvino_engine.inference_precision(ov, "bf16") != "bf16":
+        pytest.skip("this CPU has no bf16 hint: one IR only")
+    f32 = select_engine("openvino", NormalizedConvEmbedder(), "fp32", tmp_path)
+
+    def must_not_convert(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(openvino_engine, "convert", must_not_convert)
+    bf16 = select_engine("openvino", NormalizedConvEmbedder(), "bf16", tmp_path)
+    assert (bf16.hint, f32.hint) == ("bf16", "f32") and bf16.directory != f32.directory and not bf16.reused
+    assert json.loads((bf16.directory / "engine.json").read_text())["inference_precision"] == "bf16"
+    pixels = torch.randn(4, 3, 32, 32)
+    assert torch.nn.functional.cosine_similarity(bf16.encode_images(pixels), f32.encode_images(pixels)).min() > 0.99
+    with pytest.raises(AssertionError, match="exported again"):  # other weights: no IR to share
+        select_engine("openvino", NormalizedConvEmbedder(seed=1), "bf16", tmp_path)
