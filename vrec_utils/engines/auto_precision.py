@@ -157,10 +157,15 @@ def decide(
     precision, reason = pick(measured)
     record = {
         "precision": precision, "reason": reason, "key": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "candidates": {name: {**asdict(m), "images_per_second": m.images_per_second} for name, m in measured.items()},
+        "candidates": {name: _finite({**asdict(m), "images_per_second": m.images_per_second}) for name, m in measured.items()},
     }  # fmt: skip
     write_decision(path, record)
     return built[precision], {**record, "cached": False, "file": str(path)}
+
+
+def _finite(fields: dict) -> dict:
+    """NaN (a candidate that failed to build) as null: the record is strict JSON."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in fields.items()}
 
 
 def decision_line(record: dict) -> str:
