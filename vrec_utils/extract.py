@@ -85,6 +85,7 @@ class ExtractResult:
     engine_reason: str = ""
     runner: str = "local"
     runner_reason: str = ""
+    precision_choice: dict | None = None  # how precision auto was decided (measured numbers)
 
     @property
     def images_per_second(self) -> float:
@@ -105,7 +106,8 @@ class ExtractResult:
             "reused": self.n_cached, "reused_because": "same content (model, precision, normalisation and image/text digest)",
             "embedded": self.n_new, "embedded_because": "new or changed content",
             "from_cache": self.n_cached, "skipped": len(self.skipped), "precision": self.precision,
-            "engine": self.engine, "engine_reason": self.engine_reason, "runner": self.runner, "runner_reason": self.runner_reason, "seconds": round(self.seconds, 3),
+            "engine": self.engine, "engine_reason": self.engine_reason, "precision_choice": self.precision_choice,
+            "runner": self.runner, "runner_reason": self.runner_reason, "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2) if self.n_new else None,
         }  # fmt: skip
 
@@ -150,7 +152,9 @@ def extract_image_embeddings(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not embedder.has_image:
         raise ValueError(f"model {embedder.name!r} has no image tower; use it for text (--text)")
-    check = check_pixels(catalog.items["image"], embedder) if engine != "torch" else None
+    # real images a non-torch engine is checked on, and precision auto on a CPU decides on (cosine on 32)
+    measured = precision == "auto" and embedder.device.type == "cpu"
+    check = check_pixels(catalog.items["image"], embedder, 32 if measured else 8) if engine != "torch" or measured else None
     chosen = select_engine(engine, embedder, precision, workdir, check=check)
     if runner is not None and chosen.name != "torch":
         raise ValueError(f"a custom runner (e.g. --runner ray) runs the torch engine only, not {chosen.name}; use --engine torch")
@@ -168,7 +172,7 @@ def extract_image_embeddings(
             skipped = run_image_batches(todo, embedder, chosen, cache, batch_size, num_workers, normalize, chunk_size, progress)
         seconds = time.perf_counter() - start
         cache.write_skipped({**catalog.report.refused_rows(), **skipped})
-        cache.consolidate(extra={"engine": chosen.name, "engine_reason": chosen.reason})
+        cache.consolidate(extra={"engine": chosen.name, "engine_reason": chosen.reason, **precision_choice(chosen)})
         embeddings = cache.load()
     n_new = len(todo) - len(skipped)
     return ExtractResult(
@@ -184,7 +188,14 @@ def extract_image_embeddings(
         engine_reason=chosen.reason,
         runner="local" if runner is None else getattr(runner, "name", "custom"),
         runner_reason="" if runner is None else getattr(runner, "reason", ""),
+        precision_choice=getattr(chosen, "precision_choice", None),
     )
+
+
+def precision_choice(engine) -> dict:
+    """The manifest's record of how precision ``auto`` was decided (nothing for an explicit one)."""
+    record = getattr(engine, "precision_choice", None)
+    return {"precision_choice": record} if record else {}
 
 
 class BatchRunner(Protocol):

@@ -2,13 +2,16 @@
 (optional extra, CPUs). :func:`select_engine` (images) and :func:`select_text_engine` (texts)
 pick one and say why in one line.
 
-Precision on OpenVINO: ``auto`` is f32. Its bf16 hint missed the issue's bar (cosine 0.999 to
-torch fp32) on real efficientnet-lite0 weights (min 0.982 on 1,024 fashion-small images; torch's
-own bf16: 0.984), so it runs only when asked for (``--precision bf16``), and the engine's reason
-then states the min cosine to torch fp32 measured on the run's own check inputs. On the Xeon
-measured (avx512_bf16, no AMX) f32 costs no speed: OpenVINO f32 ran faster than torch's best for
-efficientnet-lite0, ResNet50, SigLIP-B/16 and MiniLM, and faster than its own bf16 (SigLIP-B/16:
-about as fast) (benchmarks/results/engine-precision-*.txt, benchmarks/bench_engine_precision.py).
+Precision ``auto`` for images on a CPU is measured, not assumed (:mod:`.auto_precision`): the
+fastest of fp32 and bf16 (where the CPU has bf16) that keeps min cosine 0.999 to torch fp32 on
+the run's check inputs, timed for this model and engine on this CPU once and kept on disk. The
+rule it replaces was wrong on one CPU kind either way: on the Xeon measured (avx512_bf16, no AMX)
+bf16 ran slower than fp32 in torch and in OpenVINO, on an AMD EPYC OpenVINO's bf16 ran 1.3-1.9x
+faster; and OpenVINO's bf16 hint missed the bar on real efficientnet-lite0 weights (min cosine
+0.982 on 1,024 fashion-small images; torch's own bf16: 0.984), so there auto stays fp32 anyway
+(benchmarks/bench_engine_precision.py). Explicit ``fp32``/``bf16`` run as asked; under the bf16
+hint the engine's reason states the min cosine to torch fp32 on the run's check inputs. On a GPU
+``auto`` keeps the fixed rule (bf16 where native). Text towers keep the fixed rule too.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import torch
 from PIL import Image
 
 from ..models.base import Embedder, ModelUnavailableError
-from .openvino_engine import F32_BAR, INSTALL, ExportError, OpenVINOEngine, OpenVINOTextEngine, openvino_module
+from .auto_precision import decide, decision_line
+from .openvino_engine import F32_BAR, INSTALL, ExportError, OpenVINOEngine, OpenVINOTextEngine, inference_precision, openvino_module
 from .torch_engine import PRECISIONS, TorchEngine, TorchTextEngine, autocast_context, bf16_is_native, resolve_precision
 
 ENGINES = ("auto", "torch", "openvino")
-AUTO_IS_F32 = "precision auto is f32 on OpenVINO (its bf16 hint missed cosine 0.999 to torch fp32 on real weights; --precision bf16 opts in)"
 
 
 def select_engine(
@@ -38,17 +41,52 @@ def select_engine(
     ``openvino``: fails at once (with the install command) when the extra is missing or the model
     is not on the CPU; a model that does not export runs on torch, and the reason says so.
     """
-    torch_precision = resolve_precision(precision, embedder.device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     why_torch = _why_torch(name, embedder)
     if why_torch is None and (embedder.has_output_mix or not embedder.has_image):
         why_torch = f"torch: OpenVINO export of {embedder.name}'s image tower is not supported"
-    if why_torch is not None:
-        return TorchEngine(embedder, torch_precision, why_torch)
-    try:
-        engine = OpenVINOEngine(embedder, openvino_precision(precision), example_batch(embedder), Path(cache_root), "", check)
-    except ExportError as exc:
-        return TorchEngine(embedder, torch_precision, f"torch: {embedder.name} did not export to OpenVINO ({exc}); fell back to torch")
-    engine.reason = _openvino_reason(name, precision, engine)
+    measured = precision == "auto" and embedder.device.type == "cpu"
+    pixels = check if check is not None and len(check) else example_batch(embedder)
+    if why_torch is None:
+        try:
+            if not measured:
+                engine = OpenVINOEngine(embedder, openvino_precision(precision), example_batch(embedder), Path(cache_root), "", check)
+            else:
+                engine = _auto_openvino(embedder, Path(cache_root), pixels)
+        except ExportError as exc:
+            why_torch = f"torch: {embedder.name} did not export to OpenVINO ({exc}); fell back to torch"
+        else:
+            engine.reason = _openvino_reason(name, precision, engine)
+            return engine
+    if not measured:
+        return TorchEngine(embedder, resolve_precision(precision, embedder.device), why_torch)
+    candidates = ["fp32", "bf16"] if bf16_is_native(embedder.device) else ["fp32"]
+    engine, record = decide(
+        lambda p, check, reference: TorchEngine(embedder, p, why_torch), candidates, embedder, pixels, engine="torch", version=torch.__version__, cache_root=cache_root,
+        exact="fp32",
+    )  # fmt: skip
+    engine.precision_choice = record
+    engine.reason = f"{why_torch}; {decision_line(record)}"
+    return engine
+
+
+def _auto_openvino(embedder: Embedder, cache_root: Path, pixels: torch.Tensor) -> OpenVINOEngine:
+    """The OpenVINO engine for precision ``auto``: f32 or the bf16 hint, whichever
+    :func:`~.auto_precision.decide` measures (or measured earlier) as the faster within the bar."""
+    ov = openvino_module()
+    candidates = ["fp32", "bf16"] if inference_precision(ov, "bf16") == "bf16" else ["fp32"]
+    example = example_batch(embedder)
+
+    def build(precision: str, check: torch.Tensor, reference: torch.Tensor | None) -> OpenVINOEngine:
+        return OpenVINOEngine(embedder, precision, example, cache_root, "", check, reference)
+
+    engine, record = decide(build, candidates, embedder, pixels, engine="openvino", version=ov.__version__, cache_root=cache_root)
+    if engine.hint == "bf16" and not engine.check_cosine >= F32_BAR:  # decided on another catalog's images
+        below = engine.check_cosine
+        engine = build("fp32", pixels[:8], None)
+        record = {**record, "precision": "fp32", "reason": f"auto: fp32 (bf16 min cosine {below:.4f} < {F32_BAR} on this run's images)"}
+    engine.precision_choice = record
     return engine
 
 
@@ -104,11 +142,12 @@ def _openvino_reason(name: str, precision: str, engine: OpenVINOEngine | OpenVIN
     why = "asked for" if name == "openvino" else "auto, CPU with OpenVINO installed"
     if engine.hint == "bf16":
         bar = "within" if engine.check_cosine >= F32_BAR else "below"
-        why += f"; bf16 (asked for, or the catalog's precision): min cosine {engine.check_cosine:.4f} to torch fp32 on the check inputs ({bar} the {F32_BAR} bar)"
+        asked = decision_line(engine.precision_choice) if engine.precision_choice else "asked for, or the catalog's precision"
+        why += f"; bf16 ({asked}): min cosine {engine.check_cosine:.4f} to torch fp32 on the check inputs ({bar} the {F32_BAR} bar)"
     elif precision == "bf16":
         why += "; f32: this CPU has no bf16"
-    elif precision == "auto":
-        why += f"; {AUTO_IS_F32}"
+    elif precision == "auto" and engine.precision_choice:
+        why += f"; {decision_line(engine.precision_choice)}"
     how = "compiled model reused" if engine.reused else "exported and compiled"
     return f"openvino {engine.hint}: {why}; {how} in {engine.directory}"
 

@@ -84,7 +84,9 @@ class _OpenVINOTower:
         self.hint = inference_precision(self.ov, precision)
         self.precision = "bf16" if self.hint == "bf16" else "fp32"
         self.reason = reason
+        self.precision_choice: dict | None = None  # set where precision auto was measured
         self.check_cosine = float("nan")
+        self.cache_root = cache_root
         self.directory = engine_directory(cache_root, embedder, self.hint, self.input_key(), self.ov.__version__, self.tower)
         self.reused = (self.directory / "model.xml").is_file() and (self.directory / "model.bin").is_file()
 
@@ -99,9 +101,11 @@ class _OpenVINOTower:
 
     def _build(self, module: torch.nn.Module, example: tuple[torch.Tensor, ...], shapes: list[list[int]]) -> None:
         """Convert (unless the folder holds the IR already), compile, and keep an infer request."""
-        if not self.reused:
-            save_ir(self.ov, convert(self.ov, module, example, shapes), self.directory, self._record())
         core = self.ov.Core()
+        if not self.reused:
+            sibling = self._sibling_ir()  # the same IR compiled under the other hint: no second export
+            model = core.read_model(sibling) if sibling is not None else convert(self.ov, module, example, shapes)
+            save_ir(self.ov, model, self.directory, self._record())
         config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(self.directory / "compiled")}
         try:
             with signal_stack_kept():
@@ -110,17 +114,27 @@ class _OpenVINOTower:
         except RuntimeError as exc:
             raise ExportError(f"OpenVINO could not compile {self.embedder.name}: {str(exc).splitlines()[0]}") from exc
 
+    def _sibling_ir(self) -> Path | None:
+        """model.xml of this tower exported for the other precision hint (the IR is f32 either way:
+        the hint acts at compile time), or None."""
+        for hint in {"f32", "bf16"} - {self.hint}:
+            other = engine_directory(self.cache_root, self.embedder, hint, self.input_key(), self.ov.__version__, self.tower)
+            if (other / "model.xml").is_file() and (other / "model.bin").is_file():
+                return other / "model.xml"
+        return None
+
     def _record(self) -> dict:
         return {
             "model": self.embedder.name, **self.embedder.identity(), "tower": self.tower, "openvino": self.ov.__version__,
             "inference_precision": self.hint,
         }  # fmt: skip
 
-    def _check(self, run: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor]) -> None:
+    def _check(self, run: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor] | torch.Tensor) -> None:
         """The converted model must agree with torch fp32 on inputs other than the example the
-        conversion saw (a trace that baked data-dependent Python in fails here)."""
+        conversion saw (a trace that baked data-dependent Python in fails here). ``reference``:
+        torch fp32's vectors for those inputs, or how to compute them."""
         with torch.inference_mode():
-            expected = reference().float().cpu()
+            expected = (reference if isinstance(reference, torch.Tensor) else reference()).float().cpu()
         try:
             got = run()
         except RuntimeError as exc:
@@ -136,12 +150,17 @@ class _OpenVINOTower:
 class OpenVINOEngine(_OpenVINOTower):
     """An embedder's image tower on OpenVINO: ``encode_images(pixels)`` as the torch engine's."""
 
-    def __init__(self, embedder: Embedder, precision: str, example: torch.Tensor, cache_root: Path, reason: str, check: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, embedder: Embedder, precision: str, example: torch.Tensor, cache_root: Path, reason: str, check: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """``reference``: torch fp32's vectors for ``check`` where the caller has them already."""
         self.input_shape = tuple(example.shape[1:])
         super().__init__(embedder, precision, Path(cache_root), reason)
         self._build(EncodeImage(embedder).eval(), (example.contiguous(),), [[-1, *self.input_shape]])
         probe = check if check is not None and len(check) else torch.cat([example.flip(0), example[:1].flip(-1)])
-        self._check(lambda: self.encode_images(probe), lambda: embedder.encode_image(probe.to(embedder.device)))
+        expected = reference if reference is not None and check is not None else lambda: embedder.encode_image(probe.to(embedder.device))
+        self._check(lambda: self.encode_images(probe), expected)
 
     def input_key(self) -> Any:
         return list(self.input_shape)
@@ -218,10 +237,16 @@ def signal_stack_kept():
 
 def convert(ov, module: torch.nn.Module, example: tuple[torch.Tensor, ...], shapes: list[list[int]]):
     """``module`` as an OpenVINO model with ``shapes`` (-1: any size); ExportError if it does not convert."""
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder  # optional extra
+
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings
-            model = ov.convert_model(module, example_input=example if len(example) > 1 else example[0])
+            # torch.jit.trace's own check runs the model twice more and compares (about a third of
+            # a first run's export of efficientnet-lite0); the engine's _check does that job
+            # against torch fp32 on inputs the trace did not see
+            decoder = TorchScriptPythonDecoder(module, example_input=example if len(example) > 1 else example[0], trace_kwargs={"check_trace": False})
+            model = ov.convert_model(decoder)
         model.reshape({port: ov.PartialShape(shape) for port, shape in zip(model.inputs, shapes)})
     except Exception as exc:  # the converter raises many types; all mean "does not export"
         raise ExportError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'}") from exc

@@ -4,6 +4,7 @@ CPUs) and texts (eager)."""
 from __future__ import annotations
 
 import contextlib
+import platform
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,15 +16,24 @@ from ..models.base import Embedder
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo_field(field: str) -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo_field("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def bf16_is_native(device: torch.device) -> bool:
@@ -58,6 +68,7 @@ class TorchEngine:
         self.embedder = embedder
         self.precision = precision
         self.reason = reason
+        self.precision_choice: dict | None = None  # set where precision auto was measured
         self.encoder = FrozenCNNEncoder(embedder, precision)
 
     def identity(self) -> dict:
@@ -84,6 +95,7 @@ class TorchTextEngine:
         self.embedder = embedder
         self.precision = precision
         self.reason = reason
+        self.precision_choice: dict | None = None  # set where precision auto was measured
 
     def identity(self) -> dict:
         return {}
