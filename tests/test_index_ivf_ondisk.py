@@ -78,6 +78,7 @@ def test_refine_reranks_the_codes_candidates_by_exact_inner_product(real, tmp_pa
     codes_only = ondisk.search_labels(queries, 10, refine_factor=1)[1]
     assert recall_at_k(labels, truth) > recall_at_k(codes_only, truth)  # PQ4 alone misorders; re-ranking mends it
     # chunked re-ranking (tiny chunks) gives the same answer
+    np.testing.assert_array_equal(ondisk.vectors[[7, 0, 7]], vectors[[7, 0, 7]])  # rows read from disk by number
     chunked = ivf_ondisk.rerank(queries, candidates, ondisk.vectors, 10, chunk_bytes=1)
     np.testing.assert_array_equal(chunked[1], labels)
     # refine=False keeps no vectors and searches the codes alone
