@@ -37,8 +37,10 @@ from .torch_engine import cpu_flags, cpu_model
 
 #: how much faster bf16 must run than fp32 to be chosen (timings under load wobble by a few %)
 MIN_GAIN = 1.05
+#: a frozen torch trace is optimised over its first calls: time after them
 WARMUPS, REPEATS, TIMED_IMAGES = 2, 2, 8
-BF16_FLAGS = {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx_vnni", "avx512_vnni"}  # shown in the record; all flags are in the key  # a frozen torch trace is optimised over its first calls: time after them
+#: shown in the record; all flags are in the key
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx_vnni", "avx512_vnni"}
 
 
 @dataclass(frozen=True)
