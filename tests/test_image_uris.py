@@ -179,19 +179,25 @@ def s3_catalog(s3_endpoint, local_copy, fashion_small_dir, tmp_path_factory):
     return load_catalog(write_catalog(root, fashion_small_dir, lambda i: f"s3://{BUCKET}/images/{i}.jpg", [missing]))
 
 
-def test_s3_images_embed_like_local_paths_and_a_missing_key_is_skipped_once(s3_catalog, local_copy, tmp_path, capsys):
+def assert_embeds_like_local_and_skips_once(remote_catalog, local_copy, tmp_path, capsys) -> list[str]:
+    """The object-store catalog embeds to the local copy's vectors (forked DataLoader workers read
+    the store too), its missing object is skipped and reported once, and a rerun digests from the
+    memo (object versions), embeds nothing and reports the same skip. Returns the embedded ids."""
     local = extract(load_catalog(local_copy), tmp_path / "local", num_workers=0)
     capsys.readouterr()
-    remote = extract(s3_catalog, tmp_path / "s3", num_workers=2)  # forked DataLoader workers read S3 too
+    remote = extract(remote_catalog, tmp_path / "remote", num_workers=2)
     assert remote.embeddings.ids.tolist() == local.embeddings.ids.tolist()
     np.testing.assert_array_equal(np.asarray(remote.embeddings.vectors), np.asarray(local.embeddings.vectors))
     assert remote.skipped["id"].tolist() == ["missing-1"] and "object not found" in remote.skipped["reason"].iloc[0]
     assert capsys.readouterr().err.count("skipped missing-1:") == 1
-    # a rerun digests from the memo (object versions), embeds nothing and reports the same skip
-    again = extract(s3_catalog, tmp_path / "s3", num_workers=0)
+    again = extract(remote_catalog, tmp_path / "remote", num_workers=0)
     assert again.n_new == 0 and again.skipped["id"].tolist() == ["missing-1"]
+    return local.embeddings.ids.tolist()
+
+
+def test_s3_images_embed_like_local_paths_and_a_missing_key_is_skipped_once(s3_catalog, local_copy, tmp_path, capsys):
+    ids = assert_embeds_like_local_and_skips_once(s3_catalog, local_copy, tmp_path, capsys)
     # what else opens images by path: the duplicate keys of evaluation, thumbnails, search
-    ids = local.embeddings.ids.tolist()
     assert duplicate_keys(s3_catalog, ids).tolist() == duplicate_keys(load_catalog(local_copy), ids).tolist()
     np.testing.assert_array_equal(np.asarray(load_rgb(s3_catalog.image_path(ids[3]))), np.asarray(load_rgb(local_copy / "images" / f"{ids[3]}.jpg")))
     figure = image_grid(s3_catalog, ids[:4], ncols=4)  # the notebooks' grids: the S3 pixels, not the grey placeholder
@@ -270,14 +276,5 @@ def gcs_catalog(local_copy, fashion_small_dir, tmp_path_factory):
 
 
 def test_gs_images_embed_like_local_paths_and_a_missing_object_is_skipped_once(gcs_catalog, local_copy, tmp_path, capsys):
-    local = extract(load_catalog(local_copy), tmp_path / "local", num_workers=0)
-    capsys.readouterr()
-    remote = extract(gcs_catalog, tmp_path / "gs", num_workers=2)  # forked DataLoader workers read GCS too
-    assert remote.embeddings.ids.tolist() == local.embeddings.ids.tolist()
-    np.testing.assert_array_equal(np.asarray(remote.embeddings.vectors), np.asarray(local.embeddings.vectors))
-    assert remote.skipped["id"].tolist() == ["missing-1"] and "object not found" in remote.skipped["reason"].iloc[0]
-    assert capsys.readouterr().err.count("skipped missing-1:") == 1
-    again = extract(gcs_catalog, tmp_path / "gs", num_workers=0)  # digests from the memo (object versions)
-    assert again.n_new == 0 and again.skipped["id"].tolist() == ["missing-1"]
-    ids = local.embeddings.ids.tolist()
+    ids = assert_embeds_like_local_and_skips_once(gcs_catalog, local_copy, tmp_path, capsys)
     assert image_files.read_bytes(gcs_catalog.image_path(ids[3])) == (local_copy / "images" / f"{ids[3]}.jpg").read_bytes()
