@@ -59,8 +59,9 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
-class TorchEngine:
-    """Runs ``embedder.encode_image`` under ``inference_mode`` and the precision's autocast."""
+class _TorchRun:
+    """What the torch image and text engines share: the embedder, the precision it runs under and
+    why, and no cache-key fields of their own."""
 
     name = "torch"
 
@@ -69,11 +70,18 @@ class TorchEngine:
         self.precision = precision
         self.reason = reason
         self.precision_choice: dict | None = None  # set where precision auto was measured
-        self.encoder = FrozenCNNEncoder(embedder, precision)
 
     def identity(self) -> dict:
         """Fields added to the cache key: none, so caches made before engines existed stay valid."""
         return {}
+
+
+class TorchEngine(_TorchRun):
+    """Runs ``embedder.encode_image`` under ``inference_mode`` and the precision's autocast."""
+
+    def __init__(self, embedder: Embedder, precision: str, reason: str) -> None:
+        super().__init__(embedder, precision, reason)
+        self.encoder = FrozenCNNEncoder(embedder, precision)
 
     def describe(self) -> str:
         return f"torch {self.precision}" + (" (frozen trace)" if self.encoder.frozen is not None else "")
@@ -86,19 +94,8 @@ class TorchEngine:
             return self.encoder(pixels).float()
 
 
-class TorchTextEngine:
+class TorchTextEngine(_TorchRun):
     """Runs ``embedder.encode_text`` under ``inference_mode`` and the precision's autocast."""
-
-    name = "torch"
-
-    def __init__(self, embedder: Embedder, precision: str, reason: str) -> None:
-        self.embedder = embedder
-        self.precision = precision
-        self.reason = reason
-        self.precision_choice: dict | None = None  # set where precision auto was measured
-
-    def identity(self) -> dict:
-        return {}
 
     def describe(self) -> str:
         return f"torch {self.precision}"
