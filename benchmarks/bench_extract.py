@@ -2,8 +2,10 @@
 
 For each model and engine (torch, openvino when installed) on the same images:
 
-* ``prep img/s``: decode + preprocess alone (one process: the PIL stage, then the batch tensor stage);
-* ``forward img/s``: the engine's forward pass alone, on a batch already in memory;
+* ``prep img/s``: decode + preprocess alone (one process: what a DataLoader worker does, the PIL
+  stage to the uint8 batch);
+* ``forward img/s``: the engine alone on a batch already in memory, in the form the pipeline feeds
+  it (its normalisation included: torch's in Python, OpenVINO's inside the compiled model);
 * ``pipeline img/s``: ``vrec extract`` steady rate (DataLoader workers + engine + cache writes),
   and ``pipeline/forward``, the share of the forward rate the pipeline keeps (target >= 0.9 for
   ResNet50 and SigLIP-B/16, >= 0.8 for efficientnet-lite0);
@@ -44,7 +46,7 @@ from _machine import cpu_line
 from vrec_utils.catalog import load_catalog
 from vrec_utils.engines import openvino_engine, select_engine
 from vrec_utils.extract import extract_image_embeddings
-from vrec_utils.images import load_rgb, split_transform
+from vrec_utils.images import load_rgb, pixel_batch
 from vrec_utils.models import create_embedder, get_model_entry
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-small"
@@ -64,14 +66,11 @@ def article_loop(embedder, paths: list[str], batch_size: int) -> tuple[float, np
 
 
 def prep_rate(embedder, paths: list[str], batch_size: int) -> float:
-    split = split_transform(embedder.image_transform)
+    """Decode + the batch the engine takes (pixel_batch: the PIL stage's uint8 where the transform
+    splits; the engine's own normalisation counts in its forward rate, as in the pipeline)."""
     start = time.perf_counter()
     for begin in range(0, len(paths), batch_size):
-        images = [load_rgb(p) for p in paths[begin : begin + batch_size]]
-        if split:
-            split[1](torch.from_numpy(np.stack([split[0](im) for im in images])))
-        else:
-            torch.stack([embedder.image_transform(im) for im in images])
+        pixel_batch([load_rgb(p) for p in paths[begin : begin + batch_size]], embedder.image_transform)
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -107,8 +106,8 @@ def measure(name: str, engine_name: str, catalog, args, base_s: float, base_vecs
         cached, whole_cached = whole_call()
         assert cached.n_new == result.n_new, "the cached run must embed every image again"
         engine = select_engine(engine_name, embedder, result.precision, workdir)  # the run's precision, its compiled model
-        images = [load_rgb(p) for p in paths[: args.batch_size]]
-        forward = forward_rate(engine, torch.stack([embedder.image_transform(im) for im in images]), args.forward_seconds)
+        images = [load_rgb(p) for p in paths[: args.batch_size]]  # in the form the pipeline feeds the engine
+        forward = forward_rate(engine, pixel_batch(images, embedder.image_transform), args.forward_seconds)
     vecs = np.asarray(result.embeddings.vectors)
     base_norm = base_vecs / np.linalg.norm(base_vecs, axis=1, keepdims=True)
     return {

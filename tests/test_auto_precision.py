@@ -95,6 +95,23 @@ def test_the_decision_is_measured_once_and_reused(tmp_path, two_candidates, monk
     assert select_engine("torch", NormalizedConvEmbedder(seed=0), "fp32", tmp_path).precision == "fp32"  # explicit: as asked
 
 
+def test_a_torch_bf16_decision_read_from_disk_must_hold_on_this_runs_images(tmp_path, two_candidates, monkeypatch):
+    """A bf16 decision was measured on another catalog's images; before it runs on this one, its
+    min cosine to torch fp32 is checked on this run's images, and fp32 runs where it misses."""
+    monkeypatch.setattr(auto_precision, "measure", timings(fp32=1.0, bf16=0.7))
+    assert select_engine("torch", NormalizedConvEmbedder(seed=0), "auto", tmp_path).precision == "bf16"
+    real = select_engine("torch", NormalizedConvEmbedder(seed=0), "auto", tmp_path)  # read from disk, checked for real
+    pixels = engines.example_batch(real.embedder, raw=True)  # what select_engine checks on without a catalog
+    fp32 = select_engine("torch", real.embedder, "fp32", tmp_path)
+    assert real.precision == "bf16" and not torch.equal(real.encode_images(pixels), fp32.encode_images(pixels))  # bf16 really ran
+    cosine = engines.min_cosine_to_fp32(real, real.embedder, pixels)
+    assert cosine >= 0.999  # and held the bar here
+    monkeypatch.setattr(engines, "F32_BAR", 1.0)  # a bar bf16 cannot hold: as on images it was never measured on
+    held = select_engine("torch", NormalizedConvEmbedder(seed=0), "auto", tmp_path)
+    assert held.precision == "fp32" and held.precision_choice["cached"]
+    assert f"auto: fp32 (bf16 min cosine {cosine:.4f} < 1.0 on this run's images); measured earlier" in held.reason
+
+
 def test_the_decision_is_the_store_key_and_in_the_manifest(tmp_path, small_catalog, two_candidates, monkeypatch):
     catalog = small_catalog.head(24)
 

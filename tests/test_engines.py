@@ -15,7 +15,7 @@ from vrec_utils import engines
 from vrec_utils.catalog import load_catalog
 from vrec_utils.engines import select_engine, select_text_engine
 from vrec_utils.extract import extract_image_embeddings, extract_text_embeddings
-from vrec_utils.images import load_rgb, split_transform
+from vrec_utils.images import load_rgb, model_pixels, pixel_batch, split_transform
 from vrec_utils.models import create_embedder
 from vrec_utils.models.base import ModelUnavailableError
 
@@ -193,6 +193,32 @@ def test_compiled_model_is_reused_and_rebuilt_for_other_weights(ov, tmp_path):
     assert not torch.allclose(other.encode_images(pixels), first.encode_images(pixels))  # other weights really ran
 
 
+def test_engines_take_the_pil_stage_uint8_batch_and_normalise_it_themselves(ov, tmp_path, small_catalog):
+    """The pipeline hands engines the PIL stage's uint8 batch: torch normalises it in Python with
+    the transform's own arithmetic (identical vectors), OpenVINO inside its compiled model (the
+    Python normalisation and NCHW copy were ~30% of efficientnet-lite0's forward time)."""
+    embedder = NormalizedConvEmbedder()
+    images = [load_rgb(p) for p in small_catalog.items["image"][:6]]
+    raw = pixel_batch(images, embedder.image_transform)
+    floats = model_pixels(raw, embedder.image_transform)
+    assert raw.dtype == torch.uint8 and raw.shape == (6, 32, 32, 3)
+    assert torch.equal(floats, torch.stack([embedder.image_transform(im) for im in images]))
+    torch_engine = select_engine("torch", embedder, "fp32", tmp_path)
+    assert torch.equal(torch_engine.encode_images(raw), torch_engine.encode_images(floats))
+    engine = select_engine("openvino", embedder, "fp32", tmp_path)
+    assert engine.request.model_inputs[0].element_type == ov.Type.u8  # normalisation compiled in
+    with torch.inference_mode():
+        expected = embedder.encode_image(floats)
+    from_raw, from_floats = engine.encode_images(raw), engine.encode_images(floats)  # floats: a float-input compile
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(from_raw, expected).min() >= 0.99999 and cosine(from_raw, from_floats).min() >= 0.99999
+    assert not torch.equal(from_raw, engine.encode_images(raw.flip(0)))  # the batch really ran
+    whole = SmallConvEmbedder()  # Resize + ToTensor: no batch stage, so no uint8 form either
+    assert pixel_batch(images, whole.image_transform).dtype == torch.float32
+    with pytest.raises(ValueError, match="no batch stage"):
+        select_engine("torch", whole, "fp32", tmp_path).encode_images(raw)
+
+
 @pytest.mark.parametrize("name", ["resnet50", "tiny-siglip", "tiny-openclip"])
 def test_exportable_families_match_torch_fp32(ov, name, tmp_path, small_catalog):
     embedder = built(name, "random" if name == "resnet50" else None)
@@ -216,7 +242,7 @@ def test_efficientnet_lite0_real_weights_on_200_real_images(ov, fashion_small_di
     held to the bar of vrec's torch bf16 path: at least as close to fp32 as it is."""
     embedder = built("efficientnet-lite0")
     catalog = load_catalog(fashion_small_dir).head(200)
-    pixels = torch.stack([embedder.image_transform(load_rgb(p)) for p in catalog.items["image"]])
+    pixels = pixel_batch([load_rgb(p) for p in catalog.items["image"]], embedder.image_transform)  # as extraction feeds them
 
     def run(engine) -> torch.Tensor:
         return torch.nn.functional.normalize(torch.cat([engine.encode_images(pixels[i : i + 50]) for i in range(0, 200, 50)]), dim=-1)

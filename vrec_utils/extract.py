@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .catalog import Catalog
 from .engines import TorchEngine, select_engine, select_text_engine
 from .image_files import FilesystemUnavailableError
-from .images import ImageLoadError, load_rgb, split_transform
+from .images import ImageLoadError, load_rgb, pixel_batch, split_transform
 from .models.base import Embedder
 from .store import EmbeddingCache, Embeddings
 
@@ -242,8 +242,8 @@ class ChunkWriter:
 
 
 def run_image_batches(todo, embedder, engine, cache, batch_size, num_workers, normalize, chunk_size, progress) -> dict[str, str]:
-    """The local runner. Workers decode and run the PIL part of the transform (uint8 out); this
-    process turns each batch into normalised floats at once and runs the engine. Chunks are
+    """The local runner. Workers decode and run the PIL part of the transform (uint8 out); the
+    engine normalises each batch (torch in this process, OpenVINO inside its model). Chunks are
     written in this thread: a 512-vector chunk costs ~0.1 ms per image here, under 2% of the
     forward pass, and the cache's write lock belongs to this thread."""
     ids = todo.index.tolist()
@@ -265,8 +265,8 @@ def run_image_batches(todo, embedder, engine, cache, batch_size, num_workers, no
         for positions, pixels, failed in loader:
             for pos, reason in failed:
                 writer.skip(ids[pos], reason)
-            if pixels is not None:
-                writer.add([ids[p] for p in positions], encode_batch(engine, split[1](pixels) if split else pixels, normalize))
+            if pixels is not None:  # uint8 from the PIL stage: the engine normalises it
+                writer.add([ids[p] for p in positions], encode_batch(engine, pixels, normalize))
             bar.update(len(positions) + len(failed))
         writer.flush()
     return writer.skipped
@@ -281,17 +281,20 @@ def encode_batch(engine: TorchEngine, pixels: torch.Tensor, normalize: bool) -> 
 
 
 def check_pixels(paths: pd.Series, embedder: Embedder, n: int = 8) -> torch.Tensor | None:
-    """Up to ``n`` readable catalog images through the model's transform: the real inputs a
-    non-torch engine is checked on against torch fp32 (None when none of the first 4n reads)."""
-    pixels = []
+    """Up to ``n`` readable catalog images as the batch engines take (:func:`pixel_batch`): the
+    real inputs a non-torch engine is checked on against torch fp32 and precision auto decides
+    on (None when none of the first 4n reads)."""
+    images = []
     for path in paths.iloc[: 4 * n]:
         try:
-            pixels.append(embedder.image_transform(load_rgb(path)))
+            image = load_rgb(path)
+            pixel_batch([image], embedder.image_transform)  # one the transform chokes on is no check image
         except (ImageLoadError, OSError, ValueError, RuntimeError):
             continue
-        if len(pixels) == n:
+        images.append(image)
+        if len(images) == n:
             break
-    return torch.stack(pixels) if pixels else None
+    return pixel_batch(images, embedder.image_transform) if images else None
 
 
 def extract_text_embeddings(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,23 @@ def split_transform(transform) -> tuple[PilStage, BatchNormalize] | None:
     if any(isinstance(step, (ToTensor, Normalize)) for step in pil):
         return None
     return PilStage(pil), BatchNormalize(normalize.mean, normalize.std)
+
+
+def pixel_batch(images: Sequence[Image.Image], transform) -> torch.Tensor:
+    """The batch an engine takes for ``images``: where ``transform`` splits, the PIL stage's uint8
+    (B, H, W, 3), which the engine normalises itself (torch in Python with the same operations,
+    OpenVINO inside its compiled model); otherwise the whole transform's float (B, 3, H, W)."""
+    split = split_transform(transform)
+    if split is None:
+        return torch.stack([transform(im) for im in images])
+    return torch.from_numpy(np.stack([split[0](im) for im in images]))
+
+
+def model_pixels(pixels: torch.Tensor, transform) -> torch.Tensor:
+    """The float (B, 3, H, W) model input for a batch of either form :func:`pixel_batch` gives."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    split = split_transform(transform)
+    if split is None:
+        raise ValueError("a uint8 pixel batch was given for a model whose transform has no batch stage")
+    return split[1](pixels)

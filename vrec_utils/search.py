@@ -23,7 +23,7 @@ from PIL import Image
 
 from .catalog import Catalog
 from .engines import autocast_context, select_engine, select_text_engine
-from .images import ImageLoadError, load_rgb
+from .images import ImageLoadError, load_rgb, pixel_batch
 from .index import VectorIndex, build_index
 from .models.base import Embedder, TextNotSupportedError
 from .store import EmbeddingsNotFoundError, load_embeddings
@@ -114,7 +114,7 @@ def search_by_image(
         with autocast_context(precision, embedder.device):  # queries in the catalog's precision
             vectors = embedder.embed_images(pictures)
     else:
-        pixels = torch.stack([embedder.image_transform(picture) for picture in pictures])
+        pixels = pixel_batch(pictures, embedder.image_transform)  # as extraction feeds the engine
         runner = select_engine(engine, embedder, precision, workdir, check=pixels)
         print(f"engine: {runner.reason}", file=sys.stderr)
         vectors = torch.nn.functional.normalize(runner.encode_images(pixels), dim=-1).numpy()

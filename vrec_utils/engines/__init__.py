@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..images import model_pixels, pixel_batch
 from ..models.base import Embedder, ModelUnavailableError
-from .auto_precision import decide, decision_line
+from .auto_precision import TIMED_IMAGES, decide, decision_line
 from .openvino_engine import F32_BAR, INSTALL, ExportError, OpenVINOEngine, OpenVINOTextEngine, inference_precision, openvino_module
 from .torch_engine import PRECISIONS, TorchEngine, TorchTextEngine, autocast_context, bf16_is_native, resolve_precision
 
@@ -47,7 +48,7 @@ def select_engine(
     if why_torch is None and (embedder.has_output_mix or not embedder.has_image):
         why_torch = f"torch: OpenVINO export of {embedder.name}'s image tower is not supported"
     measured = precision == "auto" and embedder.device.type == "cpu"
-    pixels = check if check is not None and len(check) else example_batch(embedder)
+    pixels = check if check is not None and len(check) else example_batch(embedder, raw=True)
     if why_torch is None:
         try:
             if not measured:
@@ -66,9 +67,21 @@ def select_engine(
         lambda p, check, reference: TorchEngine(embedder, p, why_torch), candidates, embedder, pixels, engine="torch", version=torch.__version__, cache_root=cache_root,
         exact="fp32",
     )  # fmt: skip
+    if record.get("cached") and engine.precision == "bf16":  # decided on another catalog's images: this run's must hold too
+        cosine = min_cosine_to_fp32(engine, embedder, pixels[:TIMED_IMAGES])
+        if not cosine >= F32_BAR:
+            engine = TorchEngine(embedder, "fp32", why_torch)
+            record = {**record, "precision": "fp32", "reason": f"auto: fp32 (bf16 min cosine {cosine:.4f} < {F32_BAR} on this run's images)"}
     engine.precision_choice = record
     engine.reason = f"{why_torch}; {decision_line(record)}"
     return engine
+
+
+def min_cosine_to_fp32(engine: TorchEngine, embedder: Embedder, pixels: torch.Tensor) -> float:
+    """The lowest cosine between ``engine``'s vectors and torch fp32's on ``pixels``."""
+    with torch.inference_mode():
+        reference = embedder.encode_image(model_pixels(pixels, embedder.image_transform).to(embedder.device)).float().cpu()
+    return torch.nn.functional.cosine_similarity(engine.encode_images(pixels).float().cpu(), reference).min().item()
 
 
 def _auto_openvino(embedder: Embedder, cache_root: Path, pixels: torch.Tensor) -> OpenVINOEngine:
@@ -152,11 +165,12 @@ def _openvino_reason(name: str, precision: str, engine: OpenVINOEngine | OpenVIN
     return f"openvino {engine.hint}: {why}; {how} in {engine.directory}"
 
 
-def example_batch(embedder: Embedder, batch: int = 2) -> torch.Tensor:
-    """A seeded noise batch in the shape ``embedder.image_transform`` makes (export and checks)."""
+def example_batch(embedder: Embedder, batch: int = 2, raw: bool = False) -> torch.Tensor:
+    """A seeded noise batch in the shape ``embedder.image_transform`` makes (export and checks);
+    ``raw``: in the form engines take (:func:`~vrec_utils.images.pixel_batch`)."""
     rng = torch.Generator().manual_seed(0)
-    noise = torch.randint(0, 256, (batch, 96, 128, 3), dtype=torch.uint8, generator=rng).numpy()
-    return torch.stack([embedder.image_transform(Image.fromarray(image)) for image in noise])
+    noise = [Image.fromarray(image) for image in torch.randint(0, 256, (batch, 96, 128, 3), dtype=torch.uint8, generator=rng).numpy()]
+    return pixel_batch(noise, embedder.image_transform) if raw else torch.stack([embedder.image_transform(image) for image in noise])
 
 
 __all__ = [

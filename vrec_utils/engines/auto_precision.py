@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..images import model_pixels
 from ..models.base import Embedder
 from ..store import slugify
 from .openvino_engine import F32_BAR, ExportError
@@ -146,7 +147,7 @@ def decide(
     if earlier is not None:
         return build(earlier["precision"], pixels[:TIMED_IMAGES], None), {**earlier, "cached": True, "file": str(path)}
     with torch.inference_mode():
-        reference = embedder.encode_image(pixels.to(embedder.device)).float().cpu()
+        reference = embedder.encode_image(model_pixels(pixels, embedder.image_transform).to(embedder.device)).float().cpu()
     built, failed = {}, {}
     for precision in candidates:
         try:

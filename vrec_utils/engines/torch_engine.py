@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..images import split_transform
 from ..models.base import Embedder
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -77,16 +78,23 @@ class _TorchRun:
 
 
 class TorchEngine(_TorchRun):
-    """Runs ``embedder.encode_image`` under ``inference_mode`` and the precision's autocast."""
+    """Runs ``embedder.encode_image`` under ``inference_mode`` and the precision's autocast, on
+    either form of :func:`~vrec_utils.images.pixel_batch` (a uint8 batch is normalised here)."""
 
     def __init__(self, embedder: Embedder, precision: str, reason: str) -> None:
         super().__init__(embedder, precision, reason)
         self.encoder = FrozenCNNEncoder(embedder, precision)
+        split = split_transform(embedder.image_transform) if embedder.has_image else None
+        self.normalize = split[1] if split else None
 
     def describe(self) -> str:
         return f"torch {self.precision}" + (" (frozen trace)" if self.encoder.frozen is not None else "")
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype == torch.uint8:
+            if self.normalize is None:
+                raise ValueError(f"{self.embedder.name}'s transform has no batch stage: give float pixels, not uint8")
+            pixels = self.normalize(pixels)
         pixels = pixels.to(self.embedder.device, non_blocking=True)
         if self.embedder.prefers_channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
