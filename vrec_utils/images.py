@@ -143,6 +143,8 @@ class BatchNormalize:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         pixels = batch.permute(0, 3, 1, 2).float().div_(255)
+        if pixels.device != self.mean.device:  # e.g. a uint8 batch moved to the GPU first (a quarter of the bytes)
+            self.mean, self.std = self.mean.to(pixels.device), self.std.to(pixels.device)
         return pixels.sub_(self.mean).div_(self.std)
 
 

@@ -91,11 +91,11 @@ class TorchEngine(_TorchRun):
         return f"torch {self.precision}" + (" (frozen trace)" if self.encoder.frozen is not None else "")
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.dtype == torch.uint8:
+        pixels = pixels.to(self.embedder.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:  # normalised where the model runs: on a GPU, a quarter of the bytes travel
             if self.normalize is None:
                 raise ValueError(f"{self.embedder.name}'s transform has no batch stage: give float pixels, not uint8")
             pixels = self.normalize(pixels)
-        pixels = pixels.to(self.embedder.device, non_blocking=True)
         if self.embedder.prefers_channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast_context(self.precision, self.embedder.device):

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..engines import TorchEngine
 from ..extract import ChunkWriter, ImageDataset, encode_batch
+from ..images import pixel_batch, split_transform
 from ..models.base import Embedder
 from ..store import EmbeddingCache
 
@@ -128,18 +129,21 @@ def ensure_ray(options: RayOptions):
 
 # ================================================================================ stages
 def decode_batch(batch: dict[str, np.ndarray], transform, pixel_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """CPU task: paths -> the model's input tensors; an unreadable image becomes a row with an
-    error (and zero pixels), decoded by the same :class:`ImageDataset` as the local runner."""
-    dataset = ImageDataset([str(p) for p in batch["path"]], transform)
-    pixels = np.zeros((len(dataset), *pixel_shape), dtype=np.float32)
+    """CPU task: paths -> the batch the engine takes (:func:`~vrec_utils.images.pixel_batch`: the
+    PIL stage's uint8 where the transform splits, a quarter of the float pixels through the object
+    store); an unreadable image becomes a row with an error (and zero pixels), decoded by the same
+    :class:`ImageDataset` as the local runner."""
+    split = split_transform(transform)
+    dataset = ImageDataset([str(p) for p in batch["path"]], split[0] if split else transform)
+    pixels = np.zeros((len(dataset), *pixel_shape), dtype=np.uint8 if split else np.float32)
     errors = []
     for n in range(len(dataset)):
-        _, tensor, error = dataset[n]
-        if tensor is not None:
-            if tuple(tensor.shape) != pixel_shape:
-                tensor, error = None, f"preprocessed to shape {tuple(tensor.shape)}, the model takes {pixel_shape}"
+        _, image, error = dataset[n]
+        if image is not None:
+            if tuple(image.shape) != pixel_shape:
+                image, error = None, f"preprocessed to shape {tuple(image.shape)}, the model takes {pixel_shape}"
             else:
-                pixels[n] = tensor.numpy()
+                pixels[n] = np.asarray(image)
         errors.append(error)
     return {"id": batch["id"], "error": np.asarray(errors, dtype=object), "pixels": pixels}
 
@@ -191,8 +195,8 @@ class DecodeEmbedActor(EmbedActor):
 
 
 def pixel_shape_of(embedder: Embedder) -> tuple[int, ...]:
-    """The shape ``image_transform`` gives (every model preprocesses to one fixed size)."""
-    return tuple(embedder.image_transform(Image.new("RGB", (64, 64), (255, 255, 255))).shape)
+    """The shape of one image in the batch the engine takes (every model preprocesses to one fixed size)."""
+    return tuple(pixel_batch([Image.new("RGB", (64, 64), (255, 255, 255))], embedder.image_transform).shape[1:])
 
 
 # ================================================================================ the runner
