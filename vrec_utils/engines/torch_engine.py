@@ -95,7 +95,7 @@ class TorchEngine(_TorchRun):
         if pixels.dtype == torch.uint8:  # normalised where the model runs: on a GPU, a quarter of the bytes travel
             if self.normalize is None:
                 raise ValueError(f"{self.embedder.name}'s transform has no batch stage: give float pixels, not uint8")
-            pixels = self.normalize(pixels)
+            pixels = self.normalize(pixels, channels_last=self.embedder.prefers_channels_last)
         if self.embedder.prefers_channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast_context(self.precision, self.embedder.device):
