@@ -60,6 +60,9 @@ class Embedder(ABC):
     #: with them by an output-mix weight alpha (mini-SigLIP): extraction reuses that model's
     #: cached features and runs only :meth:`image_from_features`, and alpha can be swept
     has_output_mix: bool = False
+    #: with an output mix: the heads also read the feature model's maps before its last block
+    #: (a tuned block), so cached pooled features alone cannot give the vectors
+    needs_maps: bool = False
     #: the text tower splits into :meth:`tokenize` (Python, strings -> integer tensors) and
     #: :meth:`encode_tokens` (tensors only), so an engine other than torch can run the second part
     has_token_path: bool = False

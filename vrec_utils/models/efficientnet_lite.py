@@ -79,6 +79,15 @@ class EfficientNetLiteEmbedder(SingleModelEmbedder):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
 
+    def encode_maps(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The feature maps before the last image block (``conv_head`` + BN): the output of the
+        last MBConv stage, (n, 320, 7, 7) at 224 input. :meth:`pool_maps` finishes the tower."""
+        return self.model.blocks(self.model.bn1(self.model.conv_stem(pixels)))
+
+    def pool_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """The pooled 1280-d features of :meth:`encode_maps`'s maps: ``encode_image`` in two steps."""
+        return self.model.forward_head(self.model.bn2(self.model.conv_head(maps)), pre_logits=True)
+
 
 @register_model(
     "efficientnet-lite0",

@@ -75,6 +75,7 @@ class HeadSpec:
     text_hidden: int | None = None  # None: linear text head; else a GELU MLP with this width
     image_head: str = "residual"  # residual (W, or B A with image_rank) | diagonal (a per-dimension scale)
     gate: bool = False  # an InDomainGate decides per image whether the output mix applies
+    block_channels: int | None = None  # None: frozen towers; else a TunedBlock (the image tower's last block) on maps of this many channels
 
     def __post_init__(self) -> None:
         if self.image_head not in IMAGE_HEADS:
@@ -84,7 +85,7 @@ class HeadSpec:
         for name in ("image_dim", "text_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("image_rank", "text_hidden"):
+        for name in ("image_rank", "text_hidden", "block_channels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {value}")
@@ -143,6 +144,32 @@ class InDomainGate(nn.Module):
         return (self.distance(x) <= self.threshold).to(x.dtype)
 
 
+class TunedBlock(nn.Module):
+    """A trainable copy of efficientnet-lite0's last image block: ``conv_head`` (1x1 conv, channels
+    -> 1280) + BN (running statistics frozen: always applied as in eval) + ReLU6, then the average
+    pool and L2 normalisation, i.e. the tower's pooled features from the maps of its last MBConv
+    stage. The maps are rounded to float16 first, as the training cache stores them
+    (:mod:`vrec_utils.train.feature_maps`), so serving raw images gives what was evaluated."""
+
+    def __init__(self, channels: int, dim: int = IMAGE_DIM, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(dim, eps=eps)
+
+    @classmethod
+    def from_tower(cls, tower: nn.Module) -> TunedBlock:
+        """A copy of a timm EfficientNet's ``conv_head`` and ``bn2`` (weights and running statistics)."""
+        block = cls(tower.conv_head.in_channels, tower.conv_head.out_channels, tower.bn2.eps)
+        block.conv.load_state_dict(tower.conv_head.state_dict())
+        block.bn.load_state_dict({k: v for k, v in tower.bn2.state_dict().items() if k in block.bn.state_dict()})
+        return block
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        maps = maps.to(torch.float16).to(self.conv.weight.dtype)
+        y = F.batch_norm(self.conv(maps), self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps)
+        return F.normalize(F.relu6(y).mean(dim=(2, 3)), dim=-1)
+
+
 class TextHead(nn.Module):
     """384 -> 1280: linear, or a one-hidden-layer GELU MLP."""
 
@@ -176,6 +203,7 @@ class MiniSiglipHeads(nn.Module):
             self.image_head = ResidualHead(spec.image_dim, spec.image_rank, generator)
         self.text_head = TextHead(spec.text_dim, spec.image_dim, spec.text_hidden, generator)
         self.gate = InDomainGate(spec.image_dim) if spec.gate else None
+        self.block = TunedBlock(spec.block_channels, spec.image_dim) if spec.block_channels else None
 
     def set_gate(self, mean: torch.Tensor, precision: torch.Tensor, threshold: float) -> None:
         """Attach (or replace) the in-domain gate: the output mix then applies to in-domain images only."""
@@ -194,13 +222,26 @@ class MiniSiglipHeads(nn.Module):
     def text(self, t: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_head(t), dim=-1)
 
-    def image(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        """The served image embedding: normalise((1 - alpha) x + alpha normalise(h(x))); with a
-        gate, alpha for in-domain rows and 0 (the base embedding, exactly) for the others."""
-        if self.gate is None or alpha == 0.0:
-            return mix_embeddings(x, self.tuned_image(x), alpha)
+    def tuned_features(self, x: torch.Tensor, maps: torch.Tensor | None) -> torch.Tensor:
+        """What the image head reads: the base features ``x``, or with a tuned block its pooled
+        features of the image tower's maps ``maps`` (needed then)."""
+        if self.block is None:
+            return x
+        if maps is None:
+            raise ValueError("this mini-SigLIP tunes the image tower's last block: it embeds from the tower's feature maps, not its pooled features")
+        return self.block(maps)
+
+    def image(self, x: torch.Tensor, alpha: float, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """The served image embedding: normalise((1 - alpha) x + alpha normalise(h(x'))), ``x'`` =
+        :meth:`tuned_features`; with a gate (on ``x``), alpha for in-domain rows and 0 (the base
+        embedding, exactly) for the others. ``alpha = 0`` is the base embedding whatever the heads."""
+        if alpha == 0.0:
+            return mix_embeddings(x, x, 0.0)
+        tuned = self.tuned_image(self.tuned_features(x, maps))
+        if self.gate is None:
+            return mix_embeddings(x, tuned, alpha)
         inside = self.gate(x).bool().unsqueeze(-1)
-        return torch.where(inside, mix_embeddings(x, self.tuned_image(x), alpha), mix_embeddings(x, x, 0.0))
+        return torch.where(inside, mix_embeddings(x, tuned, alpha), mix_embeddings(x, x, 0.0))
 
 
 def mix_embeddings(base: torch.Tensor, tuned: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -282,6 +323,7 @@ def load_heads(directory: Path, meta: dict[str, Any]) -> tuple[MiniSiglipHeads, 
     spec_fields = {k: meta["heads"].get(k) for k in ("image_dim", "text_dim", "image_rank", "text_hidden")}
     spec_fields["image_head"] = meta["heads"].get("image_head", "residual")  # models saved before diagonal heads
     spec_fields["gate"] = bool(meta["heads"].get("gate", False))  # ... and before in-domain gates
+    spec_fields["block_channels"] = meta["heads"].get("block_channels")  # ... and before tuned blocks
     heads = MiniSiglipHeads(HeadSpec(**spec_fields))
     path = directory / meta["heads"]["file"]
     if not path.is_file():
@@ -351,11 +393,19 @@ class MiniSiglipEmbedder(Embedder):
     def feature_model(self) -> Embedder:
         return self.image_tower
 
-    def image_from_features(self, features: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
-        return self.heads.image(features, self.alpha if alpha is None else alpha)
+    @property
+    def needs_maps(self) -> bool:
+        """The heads tune the image tower's last block: embeddings need its feature maps."""
+        return self.heads.block is not None
+
+    def image_from_features(self, features: torch.Tensor, alpha: float | None = None, maps: torch.Tensor | None = None) -> torch.Tensor:
+        return self.heads.image(features, self.alpha if alpha is None else alpha, maps)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_from_features(F.normalize(self.image_tower.encode_image(pixels).float(), dim=-1))
+        if not self.needs_maps:
+            return self.image_from_features(F.normalize(self.image_tower.encode_image(pixels).float(), dim=-1))
+        maps = self.image_tower.encode_maps(pixels)
+        return self.image_from_features(F.normalize(self.image_tower.pool_maps(maps).float(), dim=-1), maps=maps.float())
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         if len(texts) == 0:

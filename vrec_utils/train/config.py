@@ -18,7 +18,7 @@ SELECT_ON = ("val", "shift")  # where the mix coefficient is chosen: in-domain v
 IMAGE_HEADS = ("residual", "diagonal")  # mini-siglip image head: x + W x + c (or low rank), or x * (1 + s) + c
 #: Fields added after runs were recorded: left out of :meth:`FinetuneConfig.to_dict` at their
 #: default, so the digest (the run folder and checkpoint identity) of earlier runs is unchanged.
-LATER_FIELDS = {"image_head": "residual", "l2sp": 0.0, "in_domain_gate": None}
+LATER_FIELDS = {"image_head": "residual", "l2sp": 0.0, "in_domain_gate": None, "block_lr_scale": 0.1}
 #: Fields used only after training, to choose and record the mix coefficient.
 SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance", "in_domain_gate")
 
@@ -32,8 +32,9 @@ class FinetuneConfig:
     """
 
     # -- what trains
-    trainable: str = "heads"  # heads | last (last ``last_blocks`` blocks + heads) | all
+    trainable: str = "heads"  # heads | last (last ``last_blocks`` blocks + heads; mini-siglip: its image tower's last block) | all
     last_blocks: int = 1
+    block_lr_scale: float = 0.1  # mini-siglip with trainable="last": the tuned block's lr factor (and no weight decay)
     # -- optimisation (AdamW)
     epochs: int = 30
     batch_size: int = 512
@@ -95,6 +96,8 @@ class FinetuneConfig:
             raise ValueError("in_domain_gate gates the output mix; it needs mix='output'")
         if self.mix == "weights" and self.alpha is not None:
             raise ValueError("alpha is the output mix; with mix='weights' the interpolation coefficient is chosen on selection")
+        if not self.block_lr_scale > 0:
+            raise ValueError(f"block_lr_scale must be > 0, got {self.block_lr_scale}")
         for name in ("distill", "l2sp", "shift_tolerance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -274,13 +274,8 @@ def _optimisation(model: PairModel, base: str, config: FinetuneConfig, device: t
     params = model.trainable_parameters()
     if not params:
         raise ValueError(f"trainable={config.trainable!r} selects no parameters of {base!r}")
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": params, "weight_decay": config.weight_decay},
-            {"params": list(loss_fn.parameters()), "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
+    groups = [{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": config.lr * g["lr_scale"]} for g in model.parameter_groups(config)]
+    optimizer = torch.optim.AdamW([*groups, {"params": list(loss_fn.parameters()), "weight_decay": 0.0}], lr=config.lr)
     steps_per_epoch = math.ceil(model.n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -391,7 +386,7 @@ def recipe_record(config: FinetuneConfig, coefficient: float | None, model: Pair
     chose = "fixed by config.alpha" if config.alpha is not None else ("shift selection half + validation" if model.selection else "validation")
     return {
         "name": config.recipe, "mix": config.mix, "coefficient": coefficient, "distill": config.distill, "l2sp": config.l2sp,
-        "image_head": config.image_head, "image_rank": config.image_rank, "shift_tolerance": config.shift_tolerance,
+        "image_head": config.image_head, "image_rank": config.image_rank, "trainable": config.trainable, "shift_tolerance": config.shift_tolerance,
         "probe_epochs": config.probe_epochs, "augment_views": config.augment_views, "chosen_by": chose,
         "selection": {"in_domain": in_domain, **({"shift": model.selection.describe()} if model.selection else {})},
     }  # fmt: skip

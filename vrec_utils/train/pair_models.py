@@ -44,6 +44,7 @@ from .config import FinetuneConfig
 from .embed import extract_finetuned_embeddings
 from .loss import SigmoidLoss, l2_sp, similarity_distillation
 from .pairs import PairSet, title_series
+from .feature_maps import training_maps
 from .recipes import (
     SelectionSet,
     augmented_features,
@@ -64,6 +65,10 @@ class PairModel(ABC):
 
     @abstractmethod
     def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def parameter_groups(self, config: FinetuneConfig) -> list[dict[str, Any]]:
+        """AdamW parameter groups (``lr_scale`` multiplies the run's lr); default: one group."""
+        return [{"params": self.trainable_parameters(), "weight_decay": config.weight_decay, "lr_scale": 1.0}]
 
     @abstractmethod
     def batches(self, positions: np.ndarray, batch_size: int) -> Iterator[Any]:
@@ -121,7 +126,9 @@ class PairModel(ABC):
 
 
 class MiniSiglipPairs(PairModel):
-    """mini-SigLIP: cached frozen-tower features in, heads trained (``trainable`` must be heads)."""
+    """mini-SigLIP: cached frozen-tower features in, heads trained. ``trainable="last"`` also
+    trains a copy of the image tower's last block (:class:`~vrec_utils.models.mini_siglip.TunedBlock`)
+    on cached float16 maps (:mod:`~vrec_utils.train.feature_maps`) of every image and view."""
 
     family = "mini-siglip"
 
@@ -137,11 +144,14 @@ class MiniSiglipPairs(PairModel):
         start_from: str | None = None,
         features_for: Catalog | None = None,
     ) -> None:
-        if config.trainable != "heads":
+        if config.trainable not in ("heads", "last") or (config.trainable == "last" and config.last_blocks != 1):
             raise ValueError(
-                f"mini-siglip trains its projection heads on cached features of frozen towers; "
-                f"trainable={config.trainable!r} is for SigLIP/open_clip bases (use trainable='heads')"
+                f"mini-siglip trains its projection heads (trainable='heads'), or with them its image tower's last block "
+                f"(trainable='last', last_blocks=1), on cached features; trainable={config.trainable!r} with "
+                f"last_blocks={config.last_blocks} is for SigLIP/open_clip bases"
             )
+        if config.trainable == "last" and config.mix != "output":
+            raise ValueError("trainable='last' (a tuned image block) needs mix='output': WiSE-FT interpolates the image head only")
         self.device = device
         self.image_tower = create_embedder(ms.IMAGE_TOWER, device=device)
         self.text_tower = create_embedder(ms.TEXT_TOWER, device=device)
@@ -167,8 +177,11 @@ class MiniSiglipPairs(PairModel):
         if start_from is not None:
             heads, _ = ms.load_heads(ms.resolve_model_dir(start_from), ms.read_model_json(start_from))
         else:
-            spec = ms.HeadSpec(ms.IMAGE_DIM, ms.TEXT_DIM, config.image_rank, config.text_hidden, config.image_head)
+            channels = self.image_tower.model.conv_head.in_channels if config.trainable == "last" else None
+            spec = ms.HeadSpec(ms.IMAGE_DIM, ms.TEXT_DIM, config.image_rank, config.text_hidden, config.image_head, block_channels=channels)
             heads = ms.MiniSiglipHeads(spec, seed=config.seed)
+            if heads.block is not None:
+                heads.block.load_state_dict(ms.TunedBlock.from_tower(self.image_tower.model).state_dict())
         if heads.spec.image_dim != self.x.shape[1] or heads.spec.text_dim != self.t.shape[1]:
             raise ValueError(
                 f"feature dims ({self.x.shape[1]}, {self.t.shape[1]}) do not match the heads "
@@ -180,6 +193,10 @@ class MiniSiglipPairs(PairModel):
         self.initial_state = {k: v.detach().clone() for k, v in self.heads.state_dict().items()}  # WiSE-FT's "base"
         self.views, self.n_views = self._augmented_views(catalog, workdir, progress)
         self.selection = load_selection_set(config, workdir, self.image_tower, progress)
+        self.maps = self.view_maps = None
+        if heads.block is not None:
+            self.maps, self.view_maps, select_maps = training_maps(catalog, self.ids[: self.n_train], self.ids, config, workdir, self.image_tower, self.selection, progress)
+            self.selection = self.selection and dataclasses.replace(self.selection, maps=select_maps)
         if self.selection is not None:
             self.selection = dataclasses.replace(self.selection, features=self.selection.features.to(device))
 
@@ -199,20 +216,35 @@ class MiniSiglipPairs(PairModel):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
 
+    def parameter_groups(self, config: FinetuneConfig) -> list[dict[str, Any]]:
+        """The tuned block (pretrained weights, not a zero-initialised update) trains at
+        ``block_lr_scale`` times the lr and without weight decay, which would pull it toward zero."""
+        if self.heads.block is None:
+            return super().parameter_groups(config)
+        block = set(map(id, self.heads.block.parameters()))
+        rest = [p for p in self.heads.parameters() if id(p) not in block]
+        return [
+            {"params": rest, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+            {"params": list(self.heads.block.parameters()), "weight_decay": 0.0, "lr_scale": config.block_lr_scale},
+        ]
+
+    def _maps(self, batch: torch.Tensor) -> torch.Tensor | None:
+        return None if self.maps is None else self.maps[batch.cpu()].to(self.device)
+
     def batches(self, positions: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
         index = torch.as_tensor(positions, dtype=torch.long)
         for begin in range(0, len(index), batch_size):
             yield index[begin : begin + batch_size].to(self.device)
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads.tuned_image(self.x[batch]), self.heads.text(self.t[batch])
+        return self.heads.tuned_image(self.heads.tuned_features(self.x[batch], self._maps(batch))), self.heads.text(self.t[batch])
 
     def forward_train(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """With augmented views, each training image is one of its views, drawn uniformly (the
         original included) from the torch RNG the loop seeds per epoch. The regulariser is
         ``distill`` times the similarity distillation against the base features (the base model)
         plus ``l2sp`` times the image head's squared distance from its initial (identity) weights."""
-        x = self.x[batch]
+        x, maps = self.x[batch], self._maps(batch)
         if self.views is not None:
             n_views = self.n_views[batch]
             pick = (torch.rand(len(batch), device=self.device) * (n_views + 1).float()).long()  # 0: the original
@@ -220,7 +252,9 @@ class MiniSiglipPairs(PairModel):
             if use.any():
                 x = x.clone()
                 x[use] = self.views[batch[use], pick[use] - 1]
-        img = self.heads.tuned_image(x)
+                if maps is not None:
+                    maps[use.cpu()] = self.view_maps[batch[use].cpu(), pick[use].cpu() - 1].to(self.device)
+        img = self.heads.tuned_image(self.heads.tuned_features(x, maps))
         terms = []
         if self.config.distill > 0:
             terms.append(self.config.distill * similarity_distillation(img, x))
@@ -253,11 +287,12 @@ class MiniSiglipPairs(PairModel):
                 info["selection_inside"] = float(self.heads.gate(self.selection.features).mean())
         return info
 
-    def embed_features(self, x: torch.Tensor, coefficient: float) -> torch.Tensor:
-        """Served image embeddings of features ``x`` at mix ``coefficient`` (``config.mix``):
-        the output mix alpha, or WiSE-FT, the image head interpolated from its initial weights."""
+    def embed_features(self, x: torch.Tensor, coefficient: float, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """Served image embeddings of features ``x`` (and, with a tuned block, their maps) at mix
+        ``coefficient`` (``config.mix``): the output mix alpha, or WiSE-FT, the image head
+        interpolated from its initial weights."""
         if self.config.mix == "output":
-            return self.heads.image(x, coefficient)
+            return self.heads.image(x, coefficient, None if maps is None else maps.to(self.device))
         prefix = "image_head."
         state = interpolate_state(self.initial_state, self.heads.state_dict(), coefficient, prefix)
         head_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -269,8 +304,8 @@ class MiniSiglipPairs(PairModel):
 
     @torch.no_grad()
     def image_embeddings(self, positions: np.ndarray, alpha: float | None = None) -> np.ndarray:
-        x = self.x[torch.as_tensor(positions, dtype=torch.long, device=self.device)]
-        return self.embed_features(x, 1.0 if alpha is None else alpha).cpu().numpy()
+        index = torch.as_tensor(positions, dtype=torch.long, device=self.device)
+        return self.embed_features(self.x[index], 1.0 if alpha is None else alpha, self._maps(index)).cpu().numpy()
 
     def train_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.heads.state_dict().items()}
@@ -299,7 +334,8 @@ class MiniSiglipPairs(PairModel):
 
     def describe(self) -> dict[str, Any]:
         augmented = int((self.n_views > 0).sum()) if self.n_views is not None else 0
-        return {"heads": dataclasses.asdict(self.heads.spec), "feature_seconds": round(self.feature_seconds, 3), "augmented_items": augmented}
+        block = {"tuned_block": "efficientnet-lite0 conv_head + BN (float16 maps)"} if self.heads.block is not None else {}
+        return {"heads": dataclasses.asdict(self.heads.spec), "feature_seconds": round(self.feature_seconds, 3), "augmented_items": augmented, **block}
 
 
 _HEAD_PATTERN = re.compile(

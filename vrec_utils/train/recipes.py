@@ -85,6 +85,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gated-alpha-mix-60ep-shift": {**_ROUND2, **_GATE, "epochs": 60},
     "distill10-augment-shift": {**_ROUND2, "distill": 10.0, "augment_views": 1},
     "gated-distill10-augment-shift": {**_ROUND2, **_GATE, "distill": 10.0, "augment_views": 1},
+    # Round 4 (benchmarks/results/finetune_recipes_round4.md): efficientnet-lite0's last image block
+    # (conv_head + BN) trains with the heads on cached feature maps (trainable="last"), and two views.
+    "block-distill10-augment-shift": {**_ROUND2, "trainable": "last", "distill": 10.0, "augment_views": 1},
+    "gated-block-distill10-augment-shift": {**_ROUND2, **_GATE, "trainable": "last", "distill": 10.0, "augment_views": 1},
+    "distill10-augment2-shift": {**_ROUND2, "distill": 10.0, "augment_views": 2},
+    "gated-distill10-augment2-shift": {**_ROUND2, **_GATE, "distill": 10.0, "augment_views": 2},
+    "block-distill10-augment2-shift": {**_ROUND2, "trainable": "last", "distill": 10.0, "augment_views": 2},
+    "gated-block-distill10-augment2-shift": {**_ROUND2, **_GATE, "trainable": "last", "distill": 10.0, "augment_views": 2},
 }
 
 #: The recipe ``vrec finetune --base mini-siglip`` uses, chosen by the study's stated rule (rounds 2
@@ -220,6 +228,17 @@ def augmented_catalog(catalog: Catalog, ids: list[str], views: int, seed: int, d
     return load_catalog(csv)
 
 
+def augmented_views_catalog(catalog: Catalog, ids: list[str], config: FinetuneConfig, workdir: Path) -> tuple[list[str], Catalog]:
+    """(the seeded subset of ``ids`` that gets views, the catalog of their augmented views)."""
+    chosen = list(ids)
+    if config.augment_max_items is not None and len(chosen) > config.augment_max_items:
+        order = np.argsort(hash_unit_interval(chosen, f"augment-{config.seed}"), kind="stable")
+        chosen = [chosen[i] for i in sorted(order[: config.augment_max_items])]
+    key = hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:10]
+    folder = Path(workdir) / "augmented" / f"{slugify(catalog.name)}-{catalog.fingerprint()[:8]}-{AUGMENT_VERSION}-s{config.seed}-v{config.augment_views}-{key}"
+    return chosen, augmented_catalog(catalog, chosen, config.augment_views, config.seed, folder)
+
+
 def augmented_features(
     catalog: Catalog, ids: list[str], config: FinetuneConfig, workdir: Path, tower: Embedder, progress: bool
 ) -> dict[str, np.ndarray]:
@@ -227,13 +246,7 @@ def augmented_features(
     (``config.augment_max_items``), embedded by the frozen ``tower`` through the embedding cache."""
     if config.augment_views <= 0 or not ids:
         return {}
-    chosen = list(ids)
-    if config.augment_max_items is not None and len(chosen) > config.augment_max_items:
-        order = np.argsort(hash_unit_interval(chosen, f"augment-{config.seed}"), kind="stable")
-        chosen = [chosen[i] for i in sorted(order[: config.augment_max_items])]
-    key = hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:10]
-    folder = Path(workdir) / "augmented" / f"{slugify(catalog.name)}-{catalog.fingerprint()[:8]}-{AUGMENT_VERSION}-s{config.seed}-v{config.augment_views}-{key}"
-    views = augmented_catalog(catalog, chosen, config.augment_views, config.seed, folder)
+    chosen, views = augmented_views_catalog(catalog, ids, config, workdir)
     emb = extract_image_embeddings(views, tower, workdir, progress=progress).embeddings
     have = set(map(str, emb.ids))
     out = {}
@@ -287,6 +300,7 @@ class SelectionSet:
     features: torch.Tensor  # (n, dim) frozen image-tower features (the base model's embeddings)
     labels: np.ndarray
     groups: tuple[str, ...]  # the group values (senders) of the selection half
+    maps: torch.Tensor | None = None  # float16 feature maps of the same rows (recipes that tune the last image block)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -130,7 +130,7 @@ def choose_alpha(
             row = {"alpha": a, "val_ndcg@5": label_ndcg(model.image_embeddings(val_pos, a), labels) if labels is not None else float("nan")}
             if selection is not None:
                 with torch.no_grad():
-                    vectors = model.embed_features(selection.features, a).cpu().numpy()
+                    vectors = model.embed_features(selection.features, a, selection.maps).cpu().numpy()
                 row["shift_select_ndcg@5"] = label_ndcg(vectors, selection.labels)
             rows.append(row)
     table = pd.DataFrame(rows, columns=["alpha", "val_ndcg@5"] + (["shift_select_ndcg@5"] if selection is not None else []))
