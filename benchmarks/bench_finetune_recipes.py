@@ -27,6 +27,10 @@ Usage::
     # round 3 (benchmarks/results/finetune_recipes_round3.md): the round-2 rows plus
     #   diagonal-shift,gated-diagonal-shift,low-rank-shift,gated-low-rank-shift,alpha-mix-60ep-shift,
     #   gated-alpha-mix-60ep-shift,distill10-augment-shift,gated-distill10-augment-shift
+    # round 4 (benchmarks/results/finetune_recipes_round4.md): the round-3 rows plus
+    #   block-distill10-augment-shift,gated-block-distill10-augment-shift (efficientnet-lite0's last block
+    #   tuned on cached feature maps, which the first run extracts under WORKDIR/feature-maps),
+    #   distill10-augment2-shift,gated-distill10-augment2-shift
 
 A rerun reuses the cached features and finished runs (ensure_finetuned).
 """

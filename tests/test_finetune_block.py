@@ -168,3 +168,19 @@ def test_block_settings_refused_with_a_reason(sample_catalog, tmp_path):
     heads = ms.MiniSiglipHeads(ms.HeadSpec(block_channels=320))
     with pytest.raises(ValueError, match="feature maps"):
         heads.image(F.normalize(torch.randn(2, 1280), dim=-1), 0.5)
+
+
+def test_alpha_sweep_of_a_block_model_reads_its_maps(block_run):
+    """Notebook 07's coefficient sweep of a block model: coefficient 0 scores as efficientnet-lite0,
+    the saved coefficient as the saved model itself."""
+    from vrec_utils.evaluation import evaluate_models
+    from vrec_utils.studies.finetune_study import _alpha_sweep
+
+    result, catalog, _, work = block_run
+    split = split_catalog(catalog, FAST.eval_fraction, FAST.split_seed)
+    sweep, _ = _alpha_sweep(catalog, work, result.model_name, "efficientnet-lite0", split, FAST.label, "cpu", n_bootstrap=50)
+    direct = evaluate_models(catalog, work, ["efficientnet-lite0", result.model_name], label=FAST.label, split=split, ks=(5,), metrics=["ndcg@5"], n_bootstrap=50)
+    means = direct.summary().set_index("model")["mean"]
+    at = lambda a: sweep.loc[(sweep["alpha"] - a).abs() < 1e-9, "mean"].item()
+    assert at(0.0) == pytest.approx(means["efficientnet-lite0"], abs=1e-9)
+    assert at(result.alpha) == pytest.approx(means[result.model_name], abs=1e-6)

@@ -44,6 +44,7 @@ from ..train import (
     recipe_config,
     shift_halves,
 )
+from ..train.feature_maps import extract_feature_maps
 from ..train.recipes import DEFAULT_RECIPE
 from .recipe_study import SIDE_COLUMNS, default_shift_catalog, verdict
 
@@ -518,9 +519,10 @@ def _alpha_sweep(catalog, workdir, tuned, base_model, split, label, device, n_bo
         return None, None
     base = load_embeddings(workdir, catalog, base_model).restrict(split.eval)
     x = torch.from_numpy(np.asarray(base.vectors, dtype=np.float32))
+    maps = extract_feature_maps(catalog, embedder.feature_model, workdir, progress=False).tensor(list(map(str, base.ids)), catalog) if embedder.needs_maps else None
     with torch.inference_mode():
         variants = {
-            f"alpha={a:g}": Embeddings(base.ids, embedder.image_from_features(x, a).numpy(), {**base.manifest, "model": f"alpha={a:g}"})
+            f"alpha={a:g}": Embeddings(base.ids, embedder.image_from_features(x, a, maps=maps).numpy(), {**base.manifest, "model": f"alpha={a:g}"})
             for a in ALPHA_GRID
         }
     result = evaluate_embeddings(catalog, variants, label=label, split=split, ks=(5,), metrics=["ndcg@5"], n_bootstrap=n_bootstrap)
