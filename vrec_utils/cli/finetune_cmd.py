@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=directory_path, help="run folder: model/, checkpoints/, history.csv, ...")
     p.add_argument("--device", default="auto", help="auto (CUDA/MPS when present), cpu, cuda, mps")
     g = p.add_argument_group("training")
-    g.add_argument("--trainable", choices=TRAINABLE, default=_DEFAULTS.trainable, help="parts to train (mini-siglip: heads)")
+    g.add_argument("--trainable", choices=TRAINABLE, default=_DEFAULTS.trainable, help="parts to train (mini-siglip: heads, or last: also its image tower's last block)")
     g.add_argument("--last-blocks", type=positive_int, default=_DEFAULTS.last_blocks, help="blocks per tower for --trainable last")
     g.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs)
     g.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size)
