@@ -133,6 +133,21 @@ def test_block_model_reloads_and_embeds_raw_images_as_evaluated(block_run):
     assert result.alpha == 0.8 and not np.allclose(a.numpy(), base.numpy(), atol=1e-3)
 
 
+def test_block_model_embeds_a_catalog_in_chunks_each_item_once(block_run, tmp_path, monkeypatch):
+    """A fresh workdir, several chunks through the heads: every item filed once, each with the
+    vector the saved model gives its raw image (a chunk loop that overlapped filed items twice)."""
+    result, catalog, _, _ = block_run
+    monkeypatch.setattr("vrec_utils.train.embed.MAPS_CHUNK", 48)  # 128 items: 3 chunks
+    embeddings = extract_finetuned_embeddings(catalog, result.model_name, tmp_path, device="cpu", progress=False)
+    ids = list(map(str, embeddings.ids))
+    assert len(ids) == len(set(ids)) == len(catalog.items)
+    model = create_embedder(result.model_name, device="cpu")
+    some = [ids[5], ids[60], ids[120]]
+    with torch.no_grad():
+        direct = F.normalize(model.encode_image(_pixels(model, catalog, some)), dim=-1)
+    assert np.allclose(direct.numpy(), embeddings.vectors_for(some), atol=1e-5)
+
+
 def test_block_selection_reads_the_selection_half_only(block_run, monkeypatch):
     """The block recipe's selection maps are the selection half's, its training maps the train
     split's rows only, its augmented views those of training items."""

@@ -16,6 +16,10 @@ from ..store import DEFAULT_WORKDIR, EmbeddingCache
 from .feature_maps import extract_feature_maps
 
 
+#: rows per step through the heads: pooled features are 5 KB a row, float16 maps 31 KB
+FEATURES_CHUNK, MAPS_CHUNK = 4096, 1024
+
+
 def extract_finetuned_embeddings(
     catalog: Catalog,
     model: str,
@@ -43,8 +47,9 @@ def extract_finetuned_embeddings(
     with EmbeddingCache.open(workdir, catalog, embedder.identity(), precision=base.precision, normalized=True) as cache:
         done = cache.done_ids()
         todo = [i for i in map(str, base.embeddings.ids) if i in catalog.items.index and i not in done]
-        for begin in range(0, len(todo), 1024 if maps is not None else 4096):
-            chunk = todo[begin : begin + 4096]
+        step = MAPS_CHUNK if maps is not None else FEATURES_CHUNK
+        for begin in range(0, len(todo), step):
+            chunk = todo[begin : begin + step]
             x = torch.from_numpy(np.asarray(base.embeddings.vectors_for(chunk), dtype=np.float32)).to(embedder.device)
             chunk_maps = None if maps is None else maps.tensor(chunk, catalog).to(embedder.device)
             with torch.inference_mode(), autocast_context(base.precision, embedder.device):
