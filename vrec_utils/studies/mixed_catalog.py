@@ -38,6 +38,7 @@ from ..metrics import ideal_from_counts, ndcg_at_k
 from ..models import create_embedder
 from ..store import Embeddings, load_embeddings
 from ..train import FinetuneConfig, extract_finetuned_embeddings, shift_halves
+from ..train.feature_maps import extract_feature_maps
 
 #: clothing-dev ``label`` -> shared kind
 PHOTO_KINDS = {
@@ -97,13 +98,13 @@ def _stack(parts: list[tuple[str, Embeddings, list[str]]], name: str) -> Embeddi
     return Embeddings(np.asarray(ids), vectors, {**parts[0][1].manifest, "model": name})
 
 
-def _ungated(tuned: str, features: np.ndarray) -> np.ndarray:
-    """The tuned model's mix at its own coefficient on ``features``, with the gate removed."""
-    embedder = create_embedder(tuned, device="cpu")
+def _ungated(embedder, features: np.ndarray, maps: torch.Tensor | None = None) -> np.ndarray:
+    """The tuned model's mix at its own coefficient on ``features`` (and, for a model that tunes
+    the image tower's last block, the same rows' feature ``maps``), with the gate removed."""
     heads = copy.deepcopy(embedder.heads)
     heads.gate = None
     with torch.inference_mode():
-        return heads.image(torch.from_numpy(features), embedder.alpha).numpy()
+        return heads.image(torch.from_numpy(features), embedder.alpha, maps).numpy()
 
 
 def cross_domain_share(vectors: np.ndarray, domains: np.ndarray, k: int = 5) -> np.ndarray:
@@ -178,7 +179,12 @@ def _variants(studio: Catalog, studio_ids: list[str], photos: Catalog, photo_ids
         base.append((side, load_embeddings(workdir, catalog, base_model), ids))
         served.append((side, load_embeddings(workdir, catalog, tuned), ids))
     x, out = _stack(base, VARIANTS[0]), _stack(served, VARIANTS[2])
-    ungated = Embeddings(x.ids, _ungated(tuned, x.vectors), {**out.manifest, "model": VARIANTS[1]})
+    embedder = create_embedder(tuned, device="cpu")
+    maps = None
+    if embedder.needs_maps:  # rows in _stack's order: studio ids, then photo ids
+        sides = ((studio, studio_ids), (photos, photo_ids))
+        maps = torch.cat([extract_feature_maps(catalog, embedder.feature_model, workdir, progress=False).tensor(ids, catalog) for catalog, ids in sides])
+    ungated = Embeddings(x.ids, _ungated(embedder, x.vectors, maps), {**out.manifest, "model": VARIANTS[1]})
     return {VARIANTS[0]: x, VARIANTS[1]: ungated, VARIANTS[2]: out}
 
 
