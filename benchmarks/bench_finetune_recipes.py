@@ -71,7 +71,7 @@ def plot_tradeoff(study, tolerance: float, path: Path) -> None:
     (the data the rule reads), the chosen coefficient ringed, the tolerance as a dashed line."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 recipes, each its own colour
     for name, alpha in study.alpha_tables.items():
         if "shift_select_ndcg@5" not in alpha:
@@ -89,7 +89,7 @@ def plot_tradeoff(study, tolerance: float, path: Path) -> None:
     ax.set_ylabel("nDCG@5 gain on in-domain validation")
     ax.set_title(f"Each recipe's mix coefficients 0..1 (points); ringed: chosen by the rule\n"
                  f"(selection-half change >= -{tolerance:g} (dashed), then best validation gain)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the axes: 20+ recipes would cover the curves
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
