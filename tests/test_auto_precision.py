@@ -104,9 +104,9 @@ def test_a_torch_bf16_decision_read_from_disk_must_hold_on_this_runs_images(tmp_
     pixels = engines.example_batch(real.embedder, raw=True)  # what select_engine checks on without a catalog
     fp32 = select_engine("torch", real.embedder, "fp32", tmp_path)
     assert real.precision == "bf16" and not torch.equal(real.encode_images(pixels), fp32.encode_images(pixels))  # bf16 really ran
-    cosine = engines.min_cosine_to_fp32(real, real.embedder, pixels)
+    cosine = auto_precision.min_cosine_to_fp32(real, real.embedder, pixels)
     assert cosine >= 0.999  # and held the bar here
-    monkeypatch.setattr(engines, "F32_BAR", 1.0)  # a bar bf16 cannot hold: as on images it was never measured on
+    monkeypatch.setattr(auto_precision, "F32_BAR", 1.0)  # a bar bf16 cannot hold: as on images it was never measured on
     held = select_engine("torch", NormalizedConvEmbedder(seed=0), "auto", tmp_path)
     assert held.precision == "fp32" and held.precision_choice["cached"]
     assert f"auto: fp32 (bf16 min cosine {cosine:.4f} < 1.0 on this run's images); measured earlier" in held.reason

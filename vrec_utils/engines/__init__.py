@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..images import model_pixels, pixel_batch
+from ..images import pixel_batch
 from ..models.base import Embedder, ModelUnavailableError
-from .auto_precision import TIMED_IMAGES, decide, decision_line
+from .auto_precision import decide, decision_line
 from .openvino_engine import F32_BAR, INSTALL, ExportError, OpenVINOEngine, OpenVINOTextEngine, inference_precision, openvino_module
 from .torch_engine import PRECISIONS, TorchEngine, TorchTextEngine, autocast_context, bf16_is_native, resolve_precision
 
@@ -67,21 +67,9 @@ def select_engine(
         lambda p, check, reference: TorchEngine(embedder, p, why_torch), candidates, embedder, pixels, engine="torch", version=torch.__version__, cache_root=cache_root,
         exact="fp32",
     )  # fmt: skip
-    if record.get("cached") and engine.precision == "bf16":  # decided on another catalog's images: this run's must hold too
-        cosine = min_cosine_to_fp32(engine, embedder, pixels[:TIMED_IMAGES])
-        if not cosine >= F32_BAR:
-            engine = TorchEngine(embedder, "fp32", why_torch)
-            record = {**record, "precision": "fp32", "reason": f"auto: fp32 (bf16 min cosine {cosine:.4f} < {F32_BAR} on this run's images)"}
     engine.precision_choice = record
     engine.reason = f"{why_torch}; {decision_line(record)}"
     return engine
-
-
-def min_cosine_to_fp32(engine: TorchEngine, embedder: Embedder, pixels: torch.Tensor) -> float:
-    """The lowest cosine between ``engine``'s vectors and torch fp32's on ``pixels``."""
-    with torch.inference_mode():
-        reference = embedder.encode_image(model_pixels(pixels, embedder.image_transform).to(embedder.device)).float().cpu()
-    return torch.nn.functional.cosine_similarity(engine.encode_images(pixels).float().cpu(), reference).min().item()
 
 
 def _auto_openvino(embedder: Embedder, cache_root: Path, pixels: torch.Tensor) -> OpenVINOEngine:
@@ -95,10 +83,6 @@ def _auto_openvino(embedder: Embedder, cache_root: Path, pixels: torch.Tensor) -
         return OpenVINOEngine(embedder, precision, example, cache_root, "", check, reference)
 
     engine, record = decide(build, candidates, embedder, pixels, engine="openvino", version=ov.__version__, cache_root=cache_root)
-    if engine.hint == "bf16" and not engine.check_cosine >= F32_BAR:  # decided on another catalog's images
-        below = engine.check_cosine
-        engine = build("fp32", pixels[:8], None)
-        record = {**record, "precision": "fp32", "reason": f"auto: fp32 (bf16 min cosine {below:.4f} < {F32_BAR} on this run's images)"}
     engine.precision_choice = record
     return engine
 

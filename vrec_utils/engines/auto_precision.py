@@ -145,9 +145,8 @@ def decide(
         return build("fp32", pixels[:TIMED_IMAGES], None), {"precision": "fp32", "reason": "auto: fp32 (this CPU has no bf16)", "cached": False}
     earlier = read_decision(path)
     if earlier is not None:
-        return build(earlier["precision"], pixels[:TIMED_IMAGES], None), {**earlier, "cached": True, "file": str(path)}
-    with torch.inference_mode():
-        reference = embedder.encode_image(model_pixels(pixels, embedder.image_transform).to(embedder.device)).float().cpu()
+        return _reused(build, earlier, embedder, pixels[:TIMED_IMAGES], path)
+    reference = fp32_reference(embedder, pixels)
     built, failed = {}, {}
     for precision in candidates:
         try:
@@ -164,6 +163,33 @@ def decide(
     }  # fmt: skip
     write_decision(path, record)
     return built[precision], {**record, "cached": False, "file": str(path)}
+
+
+def _reused(build: Callable[..., Any], earlier: dict, embedder: Embedder, pixels: torch.Tensor, path: Path) -> tuple[Any, dict]:
+    """The engine of a decision read from disk. A bf16 decision was measured on another catalog's
+    images, so it must keep :data:`F32_BAR` on this run's ``pixels`` too; fp32 runs where it does not."""
+    record = {**earlier, "cached": True, "file": str(path)}
+    engine = build(earlier["precision"], pixels, None)
+    if earlier["precision"] == "fp32":
+        return engine, record
+    cosine = getattr(engine, "check_cosine", float("nan"))  # an engine that checked itself on pixels (OpenVINO)
+    if cosine != cosine:
+        cosine = min_cosine_to_fp32(engine, embedder, pixels)
+    if cosine >= F32_BAR:
+        return engine, record
+    reason = f"auto: fp32 (bf16 min cosine {cosine:.4f} < {F32_BAR} on this run's images)"
+    return build("fp32", pixels, None), {**record, "precision": "fp32", "reason": reason}
+
+
+def fp32_reference(embedder: Embedder, pixels: torch.Tensor) -> torch.Tensor:
+    """Torch fp32's vectors for ``pixels`` (either form of :func:`~vrec_utils.images.pixel_batch`)."""
+    with torch.inference_mode():
+        return embedder.encode_image(model_pixels(pixels, embedder.image_transform).to(embedder.device)).float().cpu()
+
+
+def min_cosine_to_fp32(engine: Any, embedder: Embedder, pixels: torch.Tensor) -> float:
+    """The lowest cosine between ``engine``'s vectors and torch fp32's on ``pixels``."""
+    return torch.nn.functional.cosine_similarity(engine.encode_images(pixels).float().cpu(), fp32_reference(embedder, pixels)).min().item()
 
 
 def _finite(fields: dict) -> dict:
