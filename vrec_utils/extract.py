@@ -284,17 +284,15 @@ def check_pixels(paths: pd.Series, embedder: Embedder, n: int = 8) -> torch.Tens
     """Up to ``n`` readable catalog images as the batch engines take (:func:`pixel_batch`): the
     real inputs a non-torch engine is checked on against torch fp32 and precision auto decides
     on (None when none of the first 4n reads)."""
-    images = []
+    batches = []
     for path in paths.iloc[: 4 * n]:
         try:
-            image = load_rgb(path)
-            pixel_batch([image], embedder.image_transform)  # one the transform chokes on is no check image
-        except (ImageLoadError, OSError, ValueError, RuntimeError):
+            batches.append(pixel_batch([load_rgb(path)], embedder.image_transform))
+        except (ImageLoadError, OSError, ValueError, RuntimeError):  # unreadable, or the transform chokes on it
             continue
-        images.append(image)
-        if len(images) == n:
+        if len(batches) == n:
             break
-    return pixel_batch(images, embedder.image_transform) if images else None
+    return torch.cat(batches) if batches else None
 
 
 def extract_text_embeddings(
