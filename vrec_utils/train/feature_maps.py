@@ -7,7 +7,8 @@ as float16 in a memory-mapped file, so training reads them instead of running th
 
 * Resumable: maps are written chunk by chunk; ``progress.json`` (written atomically after each
   flushed chunk) says how many rows are final, and a rerun continues from there.
-* Never another image's map: each row records the sha256 of its image file, and
+* Never another image's map: each row records its image file's content digest (the embedding
+  store's, :func:`~vrec_utils.store.catalog_keys`, memoised by size and mtime), and
   :meth:`FeatureMaps.rows_for` refuses ids whose file changed since (or that could not be read).
 * float16 is part of the model: the tuned block rounds its input maps to float16 when it serves
   raw images too (``TunedBlock.forward``), so the cache gives what serving gives.
@@ -31,19 +32,12 @@ from tqdm.auto import tqdm
 from ..catalog import Catalog, load_catalog
 from ..extract import ImageDataset, collate_skipping_failures
 from ..models.base import Embedder
-from ..store import slugify
+from ..store import catalog_keys, slugify
 from .config import FinetuneConfig
 from .recipes import SelectionSet, augmented_ids, augmented_views_catalog
 
-MAPS_VERSION = "maps-v1"  # bump when the layout or what is stored changes
+MAPS_VERSION = "maps-v2"  # bump when the layout or what is stored changes
 CHUNK = 256
-
-
-def _file_digest(path: str) -> str:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError as exc:
-        return f"unreadable: {type(exc).__name__}"
 
 
 def feature_maps_dir(workdir: str | os.PathLike, catalog: Catalog, tower: Embedder) -> Path:
@@ -76,6 +70,11 @@ class FeatureMaps:
         maps = np.memmap(directory / "maps.f16", dtype=np.float16, mode="r", shape=shape)
         return cls(directory, manifest["ids"], manifest["digests"], maps, progress.get("failed", {}))
 
+    @property
+    def workdir(self) -> Path:
+        """The workdir the cache lives in (``<workdir>/feature-maps/<name>``): its file-digest memo."""
+        return self.directory.parent.parent
+
     def rows_for(self, ids: list[str], catalog: Catalog | None = None) -> np.ndarray:
         """Rows of ``ids``; an error for ids not cached, not readable, or (with ``catalog``) whose
         image file no longer has the digest the map was computed from."""
@@ -85,7 +84,8 @@ class FeatureMaps:
             raise KeyError(f"{len(missing)} id(s) have no feature map in {self.directory} (e.g. {missing[:3]})")
         rows = np.asarray([index[i] for i in ids], dtype=np.int64)
         if catalog is not None:
-            changed = [i for i, r in zip(ids, rows) if _file_digest(str(catalog.image_path(i))) != self.digests[r]]
+            digests = catalog_keys(self.workdir, catalog)
+            changed = [i for i, r in zip(ids, rows) if digests.get(i, "") != self.digests[r]]
             if changed:
                 raise ValueError(f"{len(changed)} image file(s) changed since their maps were cached (e.g. {changed[:3]}); delete {self.directory}")
         return rows
@@ -114,7 +114,7 @@ def extract_feature_maps(
             probe = tower.encode_maps(tower.image_transform(_blank()).unsqueeze(0).to(tower.device))
         manifest = {
             "version": MAPS_VERSION, "tower": tower.name, "weights": tower.weights_id(), "preprocess": tower.preprocess_id(),
-            "catalog": str(catalog.source), "ids": ids, "digests": [_file_digest(p) for p in paths], "shape": list(probe.shape[1:]),
+            "catalog": str(catalog.source), "ids": ids, "digests": catalog_keys(workdir, catalog).reindex(ids).fillna("").tolist(), "shape": list(probe.shape[1:]),
             "dtype": "float16",
         }  # fmt: skip
         _write_json(manifest_path, manifest)
