@@ -72,11 +72,16 @@ def test_extract_embeds_caches_and_reuses(tmp_path, small_catalog):
     assert bf16.cache_dir != first.cache_dir and bf16.n_new == 10
 
 
-def test_workers_give_the_same_vectors(tmp_path, small_catalog):
+def test_workers_give_the_same_vectors(tmp_path, small_catalog, monkeypatch):
     cat = small_catalog.head(40)
     a = extract_image_embeddings(cat, SmallConvEmbedder(), tmp_path / "a", batch_size=8, num_workers=0, precision="fp32", progress=False)
     b = extract_image_embeddings(cat, SmallConvEmbedder(), tmp_path / "b", batch_size=8, num_workers=2, precision="fp32", progress=False)
     np.testing.assert_allclose(np.asarray(a.embeddings.vectors), np.asarray(b.embeddings.vectors), atol=1e-6)
+    # the CPU default decodes on a thread pool in this process: no DataLoader at all
+    monkeypatch.setattr("vrec_utils.extract.DataLoader", None)
+    c = extract_image_embeddings(cat, SmallConvEmbedder(), tmp_path / "c", batch_size=8, precision="fp32", progress=False)
+    assert c.embeddings.ids.tolist() == a.embeddings.ids.tolist()
+    np.testing.assert_array_equal(np.asarray(c.embeddings.vectors), np.asarray(a.embeddings.vectors))
 
 
 def test_interrupted_run_resumes_from_chunks(tmp_path, small_catalog):
@@ -96,10 +101,11 @@ def test_interrupted_run_resumes_from_chunks(tmp_path, small_catalog):
     np.testing.assert_allclose(resumed.embeddings.vectors[order], fresh.embeddings.vectors, atol=1e-6)
 
 
-def test_hostile_catalog_skips_bad_files_and_goes_on(tmp_path, sample_catalog, capfd):
+@pytest.mark.parametrize("workers", [2, None], ids=["worker-processes", "decode-threads"])
+def test_hostile_catalog_skips_bad_files_and_goes_on(tmp_path, sample_catalog, capfd, workers):
     csv = make_hostile_catalog(tmp_path / "cat", [Path(p) for p in sample_catalog.items["image"].iloc[:2]])
     catalog = load_catalog(csv)
-    result = extract_image_embeddings(catalog, SmallConvEmbedder(), tmp_path / "work", batch_size=4, num_workers=2, precision="fp32", progress=False)
+    result = extract_image_embeddings(catalog, SmallConvEmbedder(), tmp_path / "work", batch_size=4, num_workers=workers, precision="fp32", progress=False)
     assert set(result.embeddings.ids) == set(READABLE)
     assert set(result.skipped["id"]) == {*UNREADABLE, "escape"}  # the refused row too, with its reason
     reasons = dict(zip(result.skipped["id"], result.skipped["reason"]))
