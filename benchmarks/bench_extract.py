@@ -2,11 +2,11 @@
 
 For each model and engine (torch, openvino when installed) on the same images:
 
-* ``prep img/s``: decode + preprocess alone (one process: what a DataLoader worker does, the PIL
-  stage to the uint8 batch);
+* ``prep img/s``: decode + preprocess alone (one thread: the PIL stage to the uint8 batch);
 * ``forward img/s``: the engine alone on a batch already in memory, in the form the pipeline feeds
   it (its normalisation included: torch's in Python, OpenVINO's inside the compiled model);
-* ``pipeline img/s``: ``vrec extract``'s steady rate (DataLoader workers + engine + cache writes),
+* ``pipeline img/s``: ``vrec extract``'s steady rate (decoding, engine and cache writes; on a CPU
+  the decode threads run between forward passes, see :func:`vrec_utils.extract.image_batches`),
   timed in the second whole call (the engine compiled and warm, as on every batch of a long run
   but the first few), and ``pipeline/forward``, the share of the forward rate the pipeline keeps
   (target >= 0.9 for ResNet50 and SigLIP-B/16, >= 0.8 for efficientnet-lite0); ``pipeline img/s,
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--engines", default="torch,openvino")
     parser.add_argument("--n", type=int, default=512, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: vrec's)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: vrec's: decode threads on a CPU)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--forward-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=None, help="results CSV (default: benchmarks/results/extract-<host>.csv)")

@@ -426,3 +426,24 @@ def test_openvino_precision_auto_keeps_the_bar_and_bf16_states_its_cosine(ov, fa
     measured = torch.nn.functional.cosine_similarity(bf16.encode_images(check), reference).min().item()
     assert measured == pytest.approx(bf16.check_cosine, abs=1e-6)
     assert ("below the 0.999 bar" in bf16.reason) == (measured < 0.999)
+
+
+def test_stream_requests_split_a_batch_and_keep_row_order(ov, tmp_path, small_catalog):
+    """Image engines compile for throughput and split each batch over the CPU's streams: the rows
+    come back in order and equal one request's, whatever the split (7 rows over 3 streams: 2/2/3)."""
+    from vrec_utils.engines.openvino_engine import StreamRequests
+
+    embedder = NormalizedConvEmbedder()
+    engine = select_engine("openvino", embedder, "fp32", tmp_path)
+    assert engine.performance == "THROUGHPUT" and len(engine.request.requests) >= 1
+    raw = pixel_batch([load_rgb(p) for p in small_catalog.items["image"][:7]], embedder.image_transform)
+    core = ov.Core()
+    model = engine._uint8_input(core.read_model(engine.directory / "model.xml"))
+    three = StreamRequests(core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}), count=3)
+    one = StreamRequests(core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}))
+    assert len(three.requests) == 3 and len(one.requests) == 1
+    array = np.ascontiguousarray(raw.numpy())
+    rows = np.stack([one.infer({0: array[i : i + 1]})[0] for i in range(7)])  # image by image
+    np.testing.assert_allclose(three.infer({0: array}), rows, atol=1e-6)
+    np.testing.assert_allclose(three.infer({0: array[:2]}), rows[:2], atol=1e-6)  # fewer rows than streams
+    np.testing.assert_allclose(engine.encode_images(raw).numpy(), rows, atol=1e-6)

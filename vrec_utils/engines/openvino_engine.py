@@ -76,6 +76,8 @@ class _OpenVINOTower:
 
     name = "openvino"
     tower = "image"
+    #: OpenVINO's PERFORMANCE_HINT (see :class:`StreamRequests`)
+    performance = "LATENCY"
 
     def __init__(self, embedder: Embedder, precision: str, cache_root: Path, reason: str) -> None:
         self.ov = openvino_module()
@@ -98,7 +100,8 @@ class _OpenVINOTower:
         return {"engine": "openvino", "inference_precision": self.hint}
 
     def describe(self) -> str:
-        return f"openvino {self.hint} ({'compiled model reused' if self.reused else 'exported'} from {self.directory})"
+        streams = f", {len(self.request.requests)} streams" if len(self.request.requests) > 1 else ""
+        return f"openvino {self.hint}{streams} ({'compiled model reused' if self.reused else 'exported'} from {self.directory})"
 
     def _build(self, module: torch.nn.Module, example: tuple[torch.Tensor, ...], shapes: list[list[int]], prepare=None) -> None:
         """Convert (unless the folder holds the IR already), compile, and keep an infer request.
@@ -110,15 +113,14 @@ class _OpenVINOTower:
             save_ir(self.ov, model, self.directory, self._record())
         self.request = self._compile(core, prepare)
 
-    def _compile(self, core, prepare=None):
-        """An infer request of the folder's IR, compiled under this engine's hint; OpenVINO keeps the
-        compiled blob in ``compiled/`` (keyed by the model, preprocessing included) for the next run."""
-        config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(self.directory / "compiled")}
+    def _compile(self, core, prepare=None) -> StreamRequests:
+        """The infer requests of the folder's IR, compiled under this engine's hints; OpenVINO keeps
+        the compiled blob in ``compiled/`` (keyed by the model, preprocessing included) for the next run."""
+        config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": self.performance, "CACHE_DIR": str(self.directory / "compiled")}
         try:
             with signal_stack_kept():
                 model = core.read_model(self.directory / "model.xml")
-                compiled = core.compile_model(prepare(model) if prepare else model, "CPU", config)
-                return compiled.create_infer_request()
+                return StreamRequests(core.compile_model(prepare(model) if prepare else model, "CPU", config))
         except RuntimeError as exc:
             raise ExportError(f"OpenVINO could not compile {self.embedder.name}: {str(exc).splitlines()[0]}") from exc
 
@@ -164,7 +166,10 @@ class OpenVINOEngine(_OpenVINOTower):
     ``/ std`` as torch, computed in OpenVINO's graph (on efficientnet-lite0 the Python normalisation
     and NCHW copy cost 1.4 ms per image in the process that feeds the model, ~30% of its forward).
     Float (B, 3, H, W) batches still work: a float-input model is compiled for them on first use.
+    Compiled for throughput: each batch is split over the CPU's streams (:class:`StreamRequests`).
     """
+
+    performance = "THROUGHPUT"
 
     def __init__(
         self, embedder: Embedder, precision: str, example: torch.Tensor, cache_root: Path, reason: str, check: torch.Tensor | None = None,
@@ -213,13 +218,11 @@ class OpenVINOEngine(_OpenVINOTower):
         if pixels.dtype == torch.uint8:
             if self.normalize is None:
                 raise ValueError(f"{self.embedder.name}'s transform has no batch stage: give float pixels, not uint8")
-            result = self.request.infer({0: np.ascontiguousarray(pixels.numpy())}, share_inputs=True)
-        else:
-            if self._float_request is None:
-                self._float_request = self._compile(self.ov.Core())
-            array = np.ascontiguousarray(pixels.numpy(), dtype=np.float32)  # NCHW, as exported
-            result = self._float_request.infer({0: array}, share_inputs=True)
-        return torch.from_numpy(np.array(result[0], dtype=np.float32))
+            return torch.from_numpy(self.request.infer({0: np.ascontiguousarray(pixels.numpy())}))
+        if self._float_request is None:
+            self._float_request = self._compile(self.ov.Core())
+        array = np.ascontiguousarray(pixels.numpy(), dtype=np.float32)  # NCHW, as exported
+        return torch.from_numpy(self._float_request.infer({0: array}))
 
 
 class OpenVINOTextEngine(_OpenVINOTower):
@@ -246,8 +249,35 @@ class OpenVINOTextEngine(_OpenVINOTower):
             return torch.empty(0, self.embedder.dim)
         tokens = self.embedder.tokenize(list(texts))
         inputs = {i: np.ascontiguousarray(tokens[name].numpy(), dtype=self.dtypes[name]) for i, name in enumerate(self.names)}
-        result = self.request.infer(inputs)
-        return torch.from_numpy(np.array(result[0], dtype=np.float32))
+        return torch.from_numpy(self.request.infer(inputs))
+
+
+class StreamRequests:
+    """A compiled model's infer requests, one per CPU stream: ``infer`` splits a batch over them and
+    runs the parts at once. Under the THROUGHPUT hint each stream has its own cores (2 streams of
+    one core on 2 cores), so the model's layers never wait at a barrier for a core that the
+    decoding took: efficientnet-lite0 ran 200-205 img/s in the pipeline and 239-249 forward
+    alone, against 177-190 and 220-237 with one LATENCY stream on both cores (2-core Xeon, same
+    vectors). A batch smaller than the streams uses fewer of them (a single query image runs on one)."""
+
+    def __init__(self, compiled, count: int | None = None) -> None:
+        count = count or max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests = [compiled.create_infer_request() for _ in range(count)]
+        self.model_inputs = self.requests[0].model_inputs
+
+    def infer(self, inputs: dict) -> np.ndarray:
+        """Output 0 for ``inputs`` (arrays sharing their first, batch axis), float32 rows in order."""
+        size = len(next(iter(inputs.values())))
+        parts = max(1, min(len(self.requests), size))
+        if parts == 1:
+            return np.array(self.requests[0].infer(inputs, share_inputs=True)[0], dtype=np.float32)
+        bounds = np.linspace(0, size, parts + 1).astype(int)
+        running = self.requests[:parts]
+        for request, start, stop in zip(running, bounds[:-1], bounds[1:]):
+            request.start_async({port: array[start:stop] for port, array in inputs.items()}, share_inputs=True)
+        for request in running:
+            request.wait()
+        return np.concatenate([np.array(request.get_output_tensor(0).data, dtype=np.float32) for request in running])
 
 
 class _SignalStack(ctypes.Structure):

@@ -1,4 +1,4 @@
-"""Who runs the model during ``vrec extract``: the local DataLoader pipeline
+"""Who runs the model during ``vrec extract``: the local pipeline
 (:func:`vrec_utils.extract.run_image_batches`, the default when no runner is given) or a Ray
 cluster (:func:`ray_runner`).
 
