@@ -7,8 +7,9 @@ For each model and engine (torch, openvino when installed) on the same images:
   it (its normalisation included: torch's in Python, OpenVINO's inside the compiled model);
 * ``pipeline img/s``: ``vrec extract``'s steady rate (decoding, engine and cache writes; on a CPU
   the decode threads run between forward passes, see :func:`vrec_utils.extract.image_batches`),
-  timed in the second whole call (the engine compiled and warm, as on every batch of a long run
-  but the first few), and ``pipeline/forward``, the share of the forward rate the pipeline keeps
+  timed in whole calls after the first (the engine compiled and warm, as on every batch of a long
+  run but the first few), in ``--rounds`` rounds interleaved with the forward loop (medians;
+  ``pipeline/forward per round`` shows the spread), and ``pipeline/forward``, the share of the forward rate the pipeline keeps
   (target >= 0.9 for ResNet50 and SigLIP-B/16, >= 0.8 for efficientnet-lite0); ``pipeline img/s,
   first call``: the first call's rate, which also pays the engine's first passes at the batch
   shape and the loader's start (on 1,024 images at ~180 img/s, a 0.8 s start is 13% of the run);
@@ -103,14 +104,21 @@ def measure(name: str, engine_name: str, catalog, args, base_s: float, base_vecs
             return result, time.perf_counter() - start
 
         result, whole = whole_call()  # a first run: nothing in <workdir>/engines yet
-        # a second catalog in the same workdir: the vectors are new, the compiled model (and the
-        # precision auto decision) are found under <workdir>/engines
-        shutil.rmtree(Path(workdir) / "embeddings")
-        cached, whole_cached = whole_call()
-        assert cached.n_new == result.n_new, "the cached run must embed every image again"
         engine = select_engine(engine_name, embedder, result.precision, workdir)  # the run's precision, its compiled model
         images = [load_rgb(p) for p in paths[: args.batch_size]]  # in the form the pipeline feeds the engine
-        forward = forward_rate(engine, pixel_batch(images, embedder.image_transform), args.forward_seconds)
+        batch = pixel_batch(images, embedder.image_transform)
+        # Rounds of (pipeline, forward) interleaved, medians reported: on a shared host the rate
+        # drifts by 10% within a minute, so one pipeline call against one forward loop is a coin toss.
+        # Each pipeline call is a second catalog in the same workdir: the vectors are new, the
+        # compiled model (and the precision auto decision) are found under <workdir>/engines.
+        rounds = []
+        for _ in range(args.rounds):
+            shutil.rmtree(Path(workdir) / "embeddings")
+            cached, whole_cached = whole_call()
+            assert cached.n_new == result.n_new, "the cached run must embed every image again"
+            rounds.append((cached.images_per_second, forward_rate(engine, batch, args.forward_seconds), whole_cached))
+    pipeline, forward, whole_cached = (float(np.median(column)) for column in zip(*rounds))
+    ratio = float(np.median([p / f for p, f, _ in rounds]))
     vecs = np.asarray(result.embeddings.vectors)
     base_norm = base_vecs / np.linalg.norm(base_vecs, axis=1, keepdims=True)
     return {
@@ -119,8 +127,9 @@ def measure(name: str, engine_name: str, catalog, args, base_s: float, base_vecs
         "engine": f"{result.engine} {result.precision}",
         "prep img/s": prep,
         "forward img/s": forward,
-        "pipeline img/s": cached.images_per_second,
-        "pipeline/forward": cached.images_per_second / forward,
+        "pipeline img/s": pipeline,
+        "pipeline/forward": ratio,
+        "pipeline/forward per round": " ".join(f"{p / f:.3f}" for p, f, _ in rounds),
         "pipeline img/s, first call": result.images_per_second,
         "article img/s": len(paths) / base_s,
         "whole vs article": base_s / whole,
@@ -143,6 +152,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: vrec's: decode threads on a CPU)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--forward-seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved (pipeline, forward) rounds; medians are reported")
     parser.add_argument("--out", type=Path, default=None, help="results CSV (default: benchmarks/results/extract-<host>.csv)")
     parser.add_argument("--note", default="", help="saved with the results, e.g. 'cores shared with other jobs'")
     args = parser.parse_args()
