@@ -57,3 +57,21 @@ def test_custom_pixel_limit(tmp_path):
     Image.new("RGB", (200, 200)).save(tmp_path / "a.png")
     with pytest.raises(ImageLoadError, match="40,000 pixels"):
         load_rgb(tmp_path / "a.png", max_pixels=10_000)
+
+
+def test_an_image_over_pillows_warning_limit_is_refused_without_touching_warning_filters(tmp_path):
+    """Images are decoded on several threads at once, so load_rgb must not swap the process-wide
+    warning filters (catch_warnings is not thread-safe); between Pillow's warning limit (~89M
+    pixels) and its error limit, vrec's own pixel limit refuses the image."""
+    import warnings
+
+    from hostile import _huge_png
+
+    _huge_png(tmp_path / "bomb.png", width=10_000, height=10_000)  # 100M pixels: Pillow only warns
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageLoadError, match="over the 50,000,000-pixel limit"):
+            load_rgb(tmp_path / "bomb.png")
+    assert [w.category for w in seen] == [Image.DecompressionBombWarning]  # Pillow's warning, not turned into an error
+    with pytest.raises(ImageLoadError, match="decompression-bomb guard"):  # twice Pillow's limit: Pillow raises
+        load_rgb(_huge_png(tmp_path / "huge.png") or tmp_path / "huge.png")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,21 +49,22 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
 
 
 def _decode(source: Path | io.BytesIO, max_pixels: int) -> Image.Image:
+    # No warnings.catch_warnings() around this: it swaps the process-wide filters and images are
+    # decoded on several threads at once (extract.image_batches). Pillow warns above its own limit
+    # (~89M pixels) and raises at twice that; the max_pixels check below refuses such images anyway.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    raise ImageLoadError(
-                        f"image is {width}x{height} = {width * height:,} pixels, over the "
-                        f"{max_pixels:,}-pixel limit (decompression-bomb guard)"
-                    )
-                if width < 1 or height < 1:
-                    raise ImageLoadError(f"image has no pixels ({width}x{height})")
-                im.seek(0)
-                im.load()
-                return to_rgb(im)
+        with Image.open(source) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    f"image is {width}x{height} = {width * height:,} pixels, over the "
+                    f"{max_pixels:,}-pixel limit (decompression-bomb guard)"
+                )
+            if width < 1 or height < 1:
+                raise ImageLoadError(f"image has no pixels ({width}x{height})")
+            im.seek(0)
+            im.load()
+            return to_rgb(im)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
