@@ -15,10 +15,15 @@ from vrec_utils.catalog import load_catalog
 from vrec_utils.models import create_embedder
 from vrec_utils.store import load_embeddings
 from vrec_utils.studies.mixed_catalog import (
+    COMPARISONS,
+    SETS,
     VARIANTS,
+    MixedCheck,
+    choose_with_mixed_check,
     cross_domain_ndcg,
     cross_domain_share,
     mixed_catalog_check,
+    mixed_ids,
     shared_kinds,
 )
 from vrec_utils.train import FinetuneConfig, finetune, shift_halves
@@ -119,3 +124,75 @@ def check_ids(studio):
     from vrec_utils.catalog import split_catalog
 
     return list(split_catalog(studio, FAST.eval_fraction, FAST.split_seed).eval)
+
+
+def _forbidden(studio, photos):
+    """What round 5's rule must never read: the studio evaluation split and the photos' reported half."""
+    from vrec_utils.catalog import split_catalog
+
+    return set(split_catalog(studio, FAST.eval_fraction, FAST.split_seed).eval), set(shift_halves(photos, FAST.shift_group, FAST.shift_seed)[1])
+
+
+def _scrambled(studio, photos, monkeypatch):
+    """Catalogs whose forbidden items carry other labels, and a load_embeddings that gives the
+    forbidden items random vectors (every model): a check that reads them changes its numbers."""
+    import dataclasses
+
+    import vrec_utils.studies.mixed_catalog as mc
+    from vrec_utils.store import Embeddings
+
+    eval_ids, reported = _forbidden(studio, photos)
+    items = studio.items.copy()
+    items.loc[items.index.isin(eval_ids), "articleType"] = "Watches"
+    shot = photos.items.copy()
+    shot.loc[shot.index.isin(reported), "label"] = "Body"
+    real = mc.load_embeddings
+    rng = np.random.default_rng(0)
+
+    def load(workdir, catalog, model, **kw):
+        emb = real(workdir, catalog, model, **kw)
+        vectors = np.array(emb.vectors, dtype=np.float32)
+        hit = np.isin(np.asarray(emb.ids).astype(str), list(eval_ids | reported))
+        noise = rng.normal(size=(int(hit.sum()), vectors.shape[1])).astype(np.float32)
+        vectors[hit] = noise / np.linalg.norm(noise, axis=1, keepdims=True)
+        return Embeddings(emb.ids, vectors, emb.manifest)
+
+    monkeypatch.setattr(mc, "load_embeddings", load)
+    return dataclasses.replace(studio, items=items), dataclasses.replace(photos, items=shot)
+
+
+def test_selection_check_never_reads_evaluation_items_or_the_reported_half(mixed_run, monkeypatch):
+    studio, photos, work, result = mixed_run
+    clean = {s: mixed_catalog_check(studio, photos, work, result.model_name, config=FAST, n_bootstrap=200, sets=s) for s in SETS}
+    studio_ids, photo_ids = mixed_ids(studio, photos, FAST, "selection")
+    eval_ids, reported = _forbidden(studio, photos)
+    assert studio_ids and photo_ids and not set(studio_ids) & eval_ids and not set(photo_ids) & reported
+    s2, p2 = _scrambled(studio, photos, monkeypatch)
+    scrambled = {s: mixed_catalog_check(s2, p2, work, result.model_name, config=FAST, n_bootstrap=200, sets=s) for s in SETS}
+    pd.testing.assert_frame_equal(scrambled["selection"].table, clean["selection"].table)
+    pd.testing.assert_frame_equal(scrambled["selection"].neighbours, clean["selection"].neighbours)
+    # the scrambling is seen by a check that does read those items: this test can fail
+    assert not scrambled["evaluation"].table["ndcg@5 a"].equals(clean["evaluation"].table["ndcg@5 a"])
+    with pytest.raises(ValueError, match="sets"):
+        mixed_ids(studio, photos, FAST, "reported")
+
+
+def test_eligibility_and_the_round5_rule():
+    rows = []
+    for queries in ("all", "studio", "photo", "photo -> studio only"):
+        for comparison, diff in zip([f"{b} vs {a}" for a, b in COMPARISONS], (0.0, -0.02 if queries == "photo -> studio only" else 0.01, 0.002, 0.0)):
+            rows.append({"queries": queries, "comparison": comparison, "diff": diff, "ci_low": diff - 0.01, "ci_high": diff + 0.01})
+    check = MixedCheck(pd.DataFrame(rows), pd.DataFrame(), 10, 5, "selection")
+    got = check.eligibility(0.005).set_index("serving")
+    assert got.loc["served", "photo -> studio change"] == -0.02 and not got.loc["served", "mixed eligible"]
+    assert got.loc["routed", "studio change"] == 0.002 and got.loc["routed", "mixed eligible"]
+    table = pd.DataFrame({"recipe": ["a", "b", "c"], "val gain": [0.03, 0.04, 0.05], "selection change": [-0.001, -0.002, -0.02]})
+    mixed = pd.DataFrame({
+        "recipe": ["a", "a", "b", "b", "c", "c"], "serving": ["served", "routed"] * 3,
+        "mixed eligible": [True, True, False, True, True, True],
+    })  # fmt: skip
+    # c fails the selection-half tolerance, b is eligible only routed
+    assert choose_with_mixed_check(table, 0.005, mixed) == ("b", "routed")
+    assert choose_with_mixed_check(table, 0.005, mixed.assign(**{"mixed eligible": [True, True, True, True, False, False]})) == ("b", "served")
+    with pytest.raises(ValueError, match="mixed-catalogue"):
+        choose_with_mixed_check(table, 0.005, mixed.assign(**{"mixed eligible": False}))

@@ -37,7 +37,7 @@ from ..evaluation.statistics import bootstrap_ci
 from ..metrics import ideal_from_counts, ndcg_at_k
 from ..models import create_embedder
 from ..store import Embeddings, load_embeddings
-from ..train import FinetuneConfig, extract_finetuned_embeddings, shift_halves
+from ..train import FinetuneConfig, extract_finetuned_embeddings, make_pairs, shift_halves
 from ..train.feature_maps import extract_feature_maps
 
 #: clothing-dev ``label`` -> shared kind
@@ -53,6 +53,13 @@ STUDIO_KINDS = {
     "Blazers": "Blazer", "Sweatshirts": "Hoodie", "Caps": "Hat", "Hat": "Hat", "Tops": "Top", "Innerwear Vests": "Undershirt",
 }  # fmt: skip
 VARIANTS = ("base", "tuned, no gate", "tuned, gated (served)", "routed by the query's gate")
+#: Which items the mixed index holds: "evaluation" (round 4's report: the studio evaluation split and
+#: the photos' reported half) or "selection" (what a rule may read: the validation part of the studio
+#: train split and the photos' selection half; never an evaluation item or a reported photo)
+SETS = ("evaluation", "selection")
+#: Serving modes the rule checks: the served vectors for everything, or routing by the query's gate
+SERVING = {"served": VARIANTS[2], "routed": VARIANTS[3]}
+MIXED_TOLERANCE = 0.005  # round 5's rule: photo -> studio and studio queries may lose at most this (mean nDCG@5)
 COMPARISONS = ((VARIANTS[0], VARIANTS[1]), (VARIANTS[0], VARIANTS[2]), (VARIANTS[0], VARIANTS[3]), (VARIANTS[2], VARIANTS[3]))
 
 
@@ -75,6 +82,18 @@ def _first_copies(catalog: Catalog, ids: tuple[str, ...]) -> list[str]:
     """``ids`` without later copies of byte-identical images (the evaluation's own rule, per catalogue)."""
     keep = ~duplicate_keys(catalog, list(ids)).duplicated(keep="first").to_numpy()
     return [i for i, k in zip(ids, keep) if k]
+
+
+def mixed_ids(studio: Catalog, photos: Catalog, config: FinetuneConfig, sets: str = "evaluation") -> tuple[list[str], list[str]]:
+    """The studio and photo ids of the mixed index (:data:`SETS`), later byte-identical copies dropped:
+    "evaluation": ``studio``'s evaluation split and ``photos``' reported half; "selection": the
+    validation part of ``studio``'s train split (:func:`make_pairs`) and ``photos``' selection half."""
+    selection, reported = shift_halves(photos, config.shift_group, config.shift_seed)
+    if sets == "evaluation":
+        return _first_copies(studio, split_catalog(studio, config.eval_fraction, config.split_seed).eval), _first_copies(photos, reported)
+    if sets == "selection":
+        return _first_copies(studio, make_pairs(studio, config).val_ids), _first_copies(photos, selection)
+    raise ValueError(f"sets must be one of {SETS}, got {sets!r}")
 
 
 def mixed_items(studio: Catalog, studio_ids: list[str], photos: Catalog, photo_ids: list[str]) -> Catalog:
@@ -168,6 +187,22 @@ class MixedCheck:
     neighbours: pd.DataFrame  # queries, variant, nDCG@5, share of top-5 from the other domain
     n_studio: int
     n_photo: int
+    sets: str = "evaluation"  # which items the index held (:data:`SETS`)
+
+    def eligibility(self, tolerance: float = MIXED_TOLERANCE) -> pd.DataFrame:
+        """Per serving mode (:data:`SERVING`): the photo -> studio and studio changes against the
+        base (with CIs) and whether both means lose at most ``tolerance`` (round 5's rule)."""
+        table = self.table.set_index(["queries", "comparison"])
+        rows = []
+        for mode, variant in SERVING.items():
+            row = {"serving": mode}
+            for queries in ("photo -> studio only", "studio"):
+                got = table.loc[(queries, f"{variant} vs {VARIANTS[0]}")]
+                name = queries.removesuffix(" only")
+                row |= {f"{name} change": got["diff"], f"{name} CI": f"[{got['ci_low']:+.4f}, {got['ci_high']:+.4f}]"}
+            row["mixed eligible"] = bool(row["photo -> studio change"] >= -tolerance - 1e-12 and row["studio change"] >= -tolerance - 1e-12)
+            rows.append(row)
+        return pd.DataFrame(rows)
 
 
 def _variants(studio: Catalog, studio_ids: list[str], photos: Catalog, photo_ids: list[str], workdir: Path, tuned: str, base_model: str) -> dict[str, Embeddings]:
@@ -197,8 +232,10 @@ def mixed_catalog_check(
     config: FinetuneConfig | None = None,
     base_model: str = "efficientnet-lite0",
     n_bootstrap: int = 2000,
+    sets: str = "evaluation",
 ) -> MixedCheck:
-    """One index of ``studio``'s evaluation split and ``photos``' reported half (by sender), every
+    """One index of ``studio``'s evaluation split and ``photos``' reported half (by sender) (or, with
+    ``sets="selection"``, of the validation part and the selection half: :func:`mixed_ids`), every
     item a query, relevance = same :func:`shared_kinds`. Variants (:data:`VARIANTS`): ``base_model``
     for all, ``tuned`` without its gate, ``tuned`` as served (its cached vectors), and *routed*: a
     query the gate passes searches the served vectors, any other query searches every item's base
@@ -206,8 +243,7 @@ def mixed_catalog_check(
     nDCG@5 differences with bootstrap CIs for all, studio and photo queries, and for photo queries
     searched among the studio items only (:func:`cross_domain_ndcg`)."""
     config = config or FinetuneConfig()
-    studio_ids = _first_copies(studio, split_catalog(studio, config.eval_fraction, config.split_seed).eval)
-    photo_ids = _first_copies(photos, shift_halves(photos, config.shift_group, config.shift_seed)[1])
+    studio_ids, photo_ids = mixed_ids(studio, photos, config, sets)
     mixed = mixed_items(studio, studio_ids, photos, photo_ids)
     variants = _variants(studio, studio_ids, photos, photo_ids, Path(workdir), tuned, base_model)
     result = evaluate_embeddings(mixed, variants, label="kind", ks=(5,), metrics=["ndcg@5"], exclude_duplicates=False, n_bootstrap=n_bootstrap)
@@ -234,7 +270,26 @@ def mixed_catalog_check(
                 {"queries": queries, "variant": v, "ndcg@5": float(values[v].mean()), "top-5 from the other domain": float(shares[v].loc[list(ids)].mean())}
                 for v in VARIANTS
             ]  # fmt: skip
-    return MixedCheck(pd.DataFrame(rows), pd.DataFrame(neighbours), len(studio_ids), len(photo_ids))
+    return MixedCheck(pd.DataFrame(rows), pd.DataFrame(neighbours), len(studio_ids), len(photo_ids), sets)
 
 
-__all__ = ["PHOTO_KINDS", "STUDIO_KINDS", "VARIANTS", "MixedCheck", "cross_domain_ndcg", "cross_domain_share", "mixed_catalog_check", "mixed_items", "shared_kinds"]
+def choose_with_mixed_check(table: pd.DataFrame, tolerance: float, mixed: pd.DataFrame) -> tuple[str, str]:
+    """Round 5's rule: ``(recipe, serving mode)``. ``table`` has one row per recipe (``recipe``,
+    ``val gain``, ``selection change``), ``mixed`` one row per recipe and serving mode (``recipe``,
+    ``serving``, ``mixed eligible``: :meth:`MixedCheck.eligibility` on the *selection* sets). Among
+    pairs whose selection-half change is >= -``tolerance`` and that pass the mixed check, the best
+    validation gain; ties: the earlier recipe, then "served" before "routed". Only validation,
+    selection-half and selection-mixed columns are read."""
+    rows = table[["recipe", "val gain", "selection change"]].reset_index(names="order").merge(mixed[["recipe", "serving", "mixed eligible"]], on="recipe")
+    rows["mode order"] = rows["serving"].map({mode: n for n, mode in enumerate(SERVING)})
+    ok = rows[rows["selection change"].notna() & (rows["selection change"] >= -tolerance - 1e-12) & rows["mixed eligible"].astype(bool)]
+    if ok.empty:
+        raise ValueError(f"no recipe passes both the selection-half tolerance {tolerance:g} and the mixed-catalogue check")
+    best = ok.sort_values(["val gain", "order", "mode order"], ascending=[False, True, True], kind="stable").iloc[0]
+    return str(best["recipe"]), str(best["serving"])
+
+
+__all__ = [
+    "MIXED_TOLERANCE", "PHOTO_KINDS", "SERVING", "SETS", "STUDIO_KINDS", "VARIANTS", "MixedCheck", "choose_with_mixed_check",
+    "cross_domain_ndcg", "cross_domain_share", "mixed_catalog_check", "mixed_ids", "mixed_items", "shared_kinds",
+]  # fmt: skip
