@@ -196,3 +196,92 @@ def test_eligibility_and_the_round5_rule():
     assert choose_with_mixed_check(table, 0.005, mixed.assign(**{"mixed eligible": [True, True, True, True, False, False]})) == ("b", "served")
     with pytest.raises(ValueError, match="mixed-catalogue"):
         choose_with_mixed_check(table, 0.005, mixed.assign(**{"mixed eligible": False}))
+
+
+@pytest.fixture(scope="module")
+def moved_run(mixed_run):
+    """A gated run on the same studio items that moves neighbours: full mix (alpha 1), higher lr."""
+    import dataclasses
+
+    studio, photos, work, _ = mixed_run
+    config = dataclasses.replace(FAST, alpha=1.0, epochs=4, lr=2e-2)
+    return studio, photos, work, finetune(studio, "mini-siglip", work / "moved", workdir=work, config=config, device="cpu", progress=False)
+
+
+@pytest.fixture()
+def half_gate(moved_run, monkeypatch):
+    """The run's router with its threshold at the median distance of the studio items, so that
+    about half the queries route each way (the fitted 0.99 gate passes nearly every sample image)."""
+    import vrec_utils.search as search
+    from vrec_utils.models.local import query_router
+    from vrec_utils.train import extract_finetuned_embeddings
+
+    studio, _, work, result = moved_run
+    extract_finetuned_embeddings(studio, result.model_name, work, progress=False)
+    router = query_router(result.model_name)
+    base = load_embeddings(work, studio, router.base_model)
+    with torch.no_grad():
+        distance = router.gate.distance(torch.from_numpy(np.asarray(base.vectors, dtype=np.float32)))
+    router.gate.threshold.fill_(float(distance.median()))
+    monkeypatch.setattr(search, "query_router", lambda model: router if model == result.model_name else None)
+    return router, base
+
+
+def test_routing_gives_out_of_domain_queries_exactly_the_base_neighbours(moved_run, half_gate):
+    from PIL import Image
+
+    from vrec_utils.search import recommend, search_by_image
+
+    studio, _, work, result = moved_run
+    router, base = half_gate
+    inside = pd.Series(router.inside(base.vectors), index=base.ids)
+    assert 0 < inside.sum() < len(inside)
+    ids = list(studio.ids)
+    routed = recommend(studio, work, result.model_name, ids, k=5)
+    plain_base = recommend(studio, work, "efficientnet-lite0", ids, k=5)
+    differ = [q for q in ids if inside[q] and routed.loc[routed["query_id"] == q, "item_id"].tolist() != plain_base.loc[plain_base["query_id"] == q, "item_id"].tolist()]
+    assert differ, "the tuned model must move some neighbours, or this test cannot tell routing from the base model"
+    tuned = load_embeddings(work, studio, result.model_name)
+    sims = tuned.vectors_for(ids) @ tuned.vectors_for(ids).T
+    np.fill_diagonal(sims, -np.inf)
+    for n, item in enumerate(ids):
+        got = routed[routed["query_id"] == item]
+        if inside[item]:  # the fine-tune's own neighbours
+            assert got["item_id"].tolist() == [ids[j] for j in np.argsort(-sims[n], kind="stable")[:5]]
+        else:  # exactly efficientnet-lite0's
+            want = plain_base[plain_base["query_id"] == item]
+            assert got["item_id"].tolist() == want["item_id"].tolist()
+            np.testing.assert_allclose(got["score"], want["score"], rtol=0, atol=1e-6)
+    # a query image far from the catalogue (noise) is outside the gate: the base model's neighbours
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(80, 60, 3), dtype=np.uint8))
+    embedder = create_embedder(result.model_name, device="cpu")
+    assert not router.inside(embedder.feature_model.embed_images([noise]))[0]
+    got = search_by_image(studio, work, result.model_name, noise, k=5, device="cpu")
+    want = search_by_image(studio, work, "efficientnet-lite0", noise, k=5, device="cpu")
+    assert got["item_id"].tolist() == want["item_id"].tolist()
+    np.testing.assert_allclose(got["score"], want["score"], rtol=0, atol=1e-6)
+
+
+def test_routed_ndcg_equals_the_studys_routing(moved_run, half_gate):
+    """nDCG@5 of routed recommend() over the catalogue equals the study's routing: per query the
+    served model's value inside the gate and the base model's outside (as mixed_catalog_check does)."""
+    from vrec_utils.evaluation import evaluate_embeddings
+    from vrec_utils.evaluation.config import UNFILTERED
+    from vrec_utils.metrics import ideal_from_counts, ndcg_at_k
+    from vrec_utils.search import recommend
+
+    studio, _, work, result = moved_run
+    router, base = half_gate
+    variants = {"base": base, "served": load_embeddings(work, studio, result.model_name)}
+    study = evaluate_embeddings(studio, variants, label="articleType", ks=(5,), metrics=["ndcg@5"], exclude_duplicates=False, n_bootstrap=10)
+    queries = list(study.query_ids)
+    inside = router.inside(base.vectors_for(queries))
+    served, plain = study.values[("served", UNFILTERED)]["ndcg@5"], study.values[("base", UNFILTERED)]["ndcg@5"]
+    assert not np.allclose(served[inside], plain[inside])  # routed differs from the base model where it should
+    expected = np.where(inside, served, plain)
+    routed = recommend(studio, work, result.model_name, queries, k=5)
+    labels = studio.items["articleType"]
+    rel = np.stack([(labels.loc[routed.loc[routed["query_id"] == q, "item_id"]].to_numpy() == labels[q]).astype(float) for q in queries])
+    n_rel = np.array([(labels == labels[q]).sum() - 1 for q in queries])
+    got = ndcg_at_k(rel, ideal_from_counts(n_rel, 5), 5)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)

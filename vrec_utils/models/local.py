@@ -11,6 +11,11 @@ Two families of saved models:
 ``DIR`` may be the model folder itself or a run folder with a ``model/`` child. The embedder's
 ``weights_id()`` is the digest of the saved tensors, so the embedding cache never serves vectors
 of an older fine-tune.
+
+A mini-siglip model with an in-domain gate routes image queries (:func:`query_router`): a query
+whose base features the gate passes searches the tuned vectors, any other query searches the base
+model's vectors of the same catalog, so an out-of-domain photo gets exactly efficientnet-lite0's
+neighbours and is never compared with tuned vectors of studio shots (issue 13, round 5).
 """
 
 from __future__ import annotations
@@ -18,19 +23,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._common import load_safetensors_file
 from .base import Embedder
 from .mini_siglip import (
+    IMAGE_TOWER,
     IMAGE_TOWER_WEIGHTS,
     TEXT_TOWER_WEIGHTS,
     LOCAL_MODEL_REMEDY,
     MODEL_JSON,
+    InDomainGate,
     file_digest,
+    load_heads,
     load_mini_siglip,
     read_model_json,
     resolve_model_dir,
@@ -162,6 +172,34 @@ def load_local_model(directory: str | os.PathLike, alpha: float | None = None) -
 
 
 LOCAL_SCHEME = "local:"
+
+
+@dataclass(frozen=True)
+class QueryRouter:
+    """How a gated mini-siglip serves image queries: :meth:`inside` rows (by the gate, on the
+    query's unit-norm ``base_model`` features) search the model's own vectors, the others search
+    ``base_model``'s vectors of the same catalog (the embedding store's, by content digest)."""
+
+    base_model: str
+    gate: InDomainGate
+
+    def inside(self, base_vectors: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.gate(torch.from_numpy(np.asarray(base_vectors, dtype=np.float32))).bool().numpy()
+
+
+def query_router(model: str) -> QueryRouter | None:
+    """The :class:`QueryRouter` of a ``local:`` mini-siglip model with an in-domain gate, else None
+    (reads only ``vrec_model.json`` and the heads, not the towers)."""
+    directory = local_model_dir(model)
+    if directory is None:
+        return None
+    directory = resolve_model_dir(directory)
+    meta = read_model_json(directory)
+    if meta.get("family") != "mini-siglip" or not meta.get("heads", {}).get("gate", False):
+        return None
+    heads, _ = load_heads(directory, meta)
+    return QueryRouter(IMAGE_TOWER, heads.gate.cpu().eval())
 
 
 def local_model_name(directory: str | os.PathLike) -> str:
