@@ -93,6 +93,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gated-distill10-augment2-shift": {**_ROUND2, **_GATE, "distill": 10.0, "augment_views": 2},
     "block-distill10-augment2-shift": {**_ROUND2, "trainable": "last", "distill": 10.0, "augment_views": 2},
     "gated-block-distill10-augment2-shift": {**_ROUND2, **_GATE, "trainable": "last", "distill": 10.0, "augment_views": 2},
+    # Round 5 (benchmarks/results/finetune_recipes_round5.md): the block's lr factor 0.3 instead of 0.1
+    "block-lr3-distill10-augment-shift": {**_ROUND2, "trainable": "last", "block_lr_scale": 0.3, "distill": 10.0, "augment_views": 1},
+    "gated-block-lr3-distill10-augment-shift": {**_ROUND2, **_GATE, "trainable": "last", "block_lr_scale": 0.3, "distill": 10.0, "augment_views": 1},
 }
 
 #: The recipe ``vrec finetune --base mini-siglip`` uses: round 3's pick of the study's stated rule
