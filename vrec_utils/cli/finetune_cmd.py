@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..catalog import load_catalog
 from ..models import get_model_entry
-from ..models.local import LOCAL_SCHEME
+from ..models.local import LOCAL_SCHEME, query_router
 from ..models.mini_siglip import read_model_json
 from ..studies.recipe_study import both_sides, default_shift_catalog, sides_text
 from ..train import (
@@ -167,4 +167,9 @@ def run(args: argparse.Namespace) -> int:
         if sides is not None:
             print(sides_text(sides))
         print(f"use it with: vrec extract --catalog {args.catalog} --model {result.model_name}")
+        if query_router(result.model_name) is not None:
+            print(
+                "image queries are routed by the model's in-domain gate (vrec search/recommend): those outside it "
+                "search efficientnet-lite0's vectors of the catalog (vrec extract --model efficientnet-lite0)"
+            )
     return 0
