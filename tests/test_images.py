@@ -75,3 +75,47 @@ def test_an_image_over_pillows_warning_limit_is_refused_without_touching_warning
     assert [w.category for w in seen] == [Image.DecompressionBombWarning]  # Pillow's warning, not turned into an error
     with pytest.raises(ImageLoadError, match="decompression-bomb guard"):  # twice Pillow's limit: Pillow raises
         load_rgb(_huge_png(tmp_path / "huge.png") or tmp_path / "huge.png")
+
+
+def _photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth gradients plus noise: every filter tap and rounding step shows in the pixels."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("interpolation", ["BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING"])
+@pytest.mark.parametrize("size, crop", [(256, 224), (232, 224), ((300, 250), 224), (200, 224)])
+def test_resize_then_center_crop_gives_torchvisions_pixels(sample_catalog, interpolation, size, crop):
+    """The PIL stage cuts the crop's columns between Pillow's two resampling passes
+    (ResizeThenCenterCrop): bit-identical to Resize + CenterCrop on enlarged catalogue images, on
+    shrunk photos and odd shapes (which take the plain path), and where the crop pads."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+    from vrec_utils.images import PilStage, ResizeThenCenterCrop
+
+    steps = [Resize(size, interpolation=InterpolationMode[interpolation]), CenterCrop(crop)]
+    stage = PilStage(steps)
+    assert [type(step) for step in stage.steps] == [ResizeThenCenterCrop]
+    images = [load_rgb(p) for p in sample_catalog.items["image"].iloc[:12]]
+    images += [_photo_like(w, h, seed) for seed, (w, h) in enumerate([(80, 60), (97, 61), (400, 867), (1000, 700), (256, 300), (60, 256), (31, 17), (500, 90)])]
+    for image in images:
+        expected = np.asarray(Compose(steps)(image))
+        got = stage(image)
+        assert got.shape == expected.shape and np.array_equal(got, expected), (image.size, size, crop)
+
+
+def test_the_pil_stage_keeps_steps_it_cannot_fuse():
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    from vrec_utils.images import PilStage, ResizeThenCenterCrop
+
+    nearest = PilStage([Resize(256, interpolation=InterpolationMode.NEAREST), CenterCrop(224)])
+    assert [type(step) for step in nearest.steps] == [Resize, CenterCrop]
+    crop_first = PilStage([CenterCrop(224), Resize(256)])
+    assert [type(step) for step in crop_first.steps] == [CenterCrop, Resize]
+    both = PilStage([Resize(256), CenterCrop(240), Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(200)])
+    assert [type(step) for step in both.steps] == [ResizeThenCenterCrop, ResizeThenCenterCrop]
+    image = _photo_like(60, 80, 7)
+    assert np.array_equal(both(image), np.asarray(CenterCrop(200)(Resize(224, interpolation=InterpolationMode.BICUBIC)(CenterCrop(240)(Resize(256)(image))))))

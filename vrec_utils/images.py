@@ -112,12 +112,69 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
 
 
 # ------------------------------------------------------------------ preprocessing split for batches
+class ResizeThenCenterCrop:
+    """torchvision's ``Resize`` then ``CenterCrop`` on a PIL image: the same pixels, with less work
+    when the image is enlarged.
+
+    Pillow resizes in two separable passes, horizontal then vertical, with an 8-bit image between
+    them, and each column of the vertical pass reads only the same column of the horizontal pass.
+    So the columns the crop drops are cut between the passes instead of after both, and the
+    vertical pass (~3/4 of the work when 60x80 catalogue images are enlarged) runs on the crop's
+    width only: efficientnet-lite0's 256 -> 224 columns, 0.92 -> 0.82 ms per image on one core.
+    Rows cannot be cut the same way: a box passes its bounds to Pillow as 32-bit floats, which
+    moves the filter taps. Only images enlarged (or kept) in both directions take this path, where
+    the pixels are checked identical (tests/test_images.py); a shrunk photo, or a crop larger
+    than the resized image (padded by torchvision), runs the two steps as they are."""
+
+    def __init__(self, resize, crop) -> None:
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        from torchvision.transforms.functional import _compute_resized_output_size
+
+        width, height = im.size
+        size = [self.resize.size] if isinstance(self.resize.size, int) else list(self.resize.size)
+        new_height, new_width = _compute_resized_output_size((height, width), size, self.resize.max_size)
+        crop_height, crop_width = self.crop.size
+        if new_width < width or new_height < height or crop_width > new_width or crop_height > new_height:
+            return self.crop(self.resize(im))
+        resample = Image.Resampling[self.resize.interpolation.name]
+        top, left = int(round((new_height - crop_height) / 2.0)), int(round((new_width - crop_width) / 2.0))
+        if new_width != width:
+            im = im.resize((new_width, height), resample)  # the horizontal pass alone
+        im = im.crop((left, 0, left + crop_width, height))
+        if new_height != height:
+            im = im.resize((crop_width, new_height), resample)  # the vertical pass alone
+        return im.crop((0, top, crop_width, top + crop_height))
+
+    def __repr__(self) -> str:
+        return f"ResizeThenCenterCrop({self.resize!r}, {self.crop!r})"
+
+
+def _fuse_resize_crop(steps: list) -> list:
+    """``steps`` with each ``Resize`` directly followed by a ``CenterCrop`` taken as one
+    :class:`ResizeThenCenterCrop`, where Pillow's two-pass resampling applies (not NEAREST)."""
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    fused: list = []
+    for step in steps:
+        previous = fused[-1] if fused else None
+        if (
+            isinstance(step, CenterCrop) and type(previous) is Resize
+            and previous.interpolation not in (InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT)
+        ):  # fmt: skip
+            fused[-1] = ResizeThenCenterCrop(previous, step)
+        else:
+            fused.append(step)
+    return fused
+
+
 class PilStage:
     """The PIL part of a split transform (resize, crop, ...): image -> uint8 array (H, W, 3).
     Picklable, so DataLoader workers run it; its output is a quarter of the float tensor's size."""
 
     def __init__(self, steps: list) -> None:
-        self.steps = steps
+        self.steps = _fuse_resize_crop(steps)
 
     def __call__(self, im: Image.Image) -> np.ndarray:
         for step in self.steps:
