@@ -100,9 +100,12 @@ def test_resize_then_center_crop_gives_torchvisions_pixels(sample_catalog, inter
     assert [type(step) for step in stage.steps] == [ResizeThenCenterCrop]
     images = [load_rgb(p) for p in sample_catalog.items["image"].iloc[:12]]
     images += [_photo_like(w, h, seed) for seed, (w, h) in enumerate([(80, 60), (97, 61), (400, 867), (1000, 700), (256, 300), (60, 256), (31, 17), (500, 90)])]
+    translucent = images[0].convert("RGBA")
+    translucent.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, translucent.width).astype(np.uint8), (translucent.height, 1))))
+    images += [translucent, images[0].convert("P"), images[0].convert("L")]
     for image in images:
         expected = np.asarray(Compose(steps)(image))
-        got = stage(image)
+        got = np.asarray(stage.steps[0](image))  # the fused step alone: PilStage itself takes RGB only
         assert got.shape == expected.shape and np.array_equal(got, expected), (image.size, size, crop)
 
 

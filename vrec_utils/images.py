@@ -122,7 +122,7 @@ class ResizeThenCenterCrop:
     vertical pass (~3/4 of the work when 60x80 catalogue images are enlarged) runs on the crop's
     width only: efficientnet-lite0's 256 -> 224 columns, 0.92 -> 0.82 ms per image on one core.
     Rows cannot be cut the same way: a box passes its bounds to Pillow as 32-bit floats, which
-    moves the filter taps. Only images enlarged (or kept) in both directions take this path, where
+    moves the filter taps. Only RGB or grey images enlarged (or kept) in both directions take this path, where
     the pixels are checked identical (tests/test_images.py); a shrunk photo, or a crop larger
     than the resized image (padded by torchvision), runs the two steps as they are."""
 
@@ -136,7 +136,8 @@ class ResizeThenCenterCrop:
         size = [self.resize.size] if isinstance(self.resize.size, int) else list(self.resize.size)
         new_height, new_width = _compute_resized_output_size((height, width), size, self.resize.max_size)
         crop_height, crop_width = self.crop.size
-        if new_width < width or new_height < height or crop_width > new_width or crop_height > new_height:
+        plain = im.mode not in ("RGB", "L")  # Pillow resizes "P"/"1" as NEAREST, "RGBA" premultiplied
+        if plain or new_width < width or new_height < height or crop_width > new_width or crop_height > new_height:
             return self.crop(self.resize(im))
         resample = Image.Resampling[self.resize.interpolation.name]
         top, left = int(round((new_height - crop_height) / 2.0)), int(round((new_width - crop_width) / 2.0))
@@ -160,7 +161,7 @@ def _fuse_resize_crop(steps: list) -> list:
     for step in steps:
         previous = fused[-1] if fused else None
         if (
-            isinstance(step, CenterCrop) and type(previous) is Resize
+            type(step) is CenterCrop and type(previous) is Resize
             and previous.interpolation not in (InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT)
         ):  # fmt: skip
             fused[-1] = ResizeThenCenterCrop(previous, step)
