@@ -285,3 +285,89 @@ def test_routed_ndcg_equals_the_studys_routing(moved_run, half_gate):
     n_rel = np.array([(labels == labels[q]).sum() - 1 for q in queries])
     got = ndcg_at_k(rel, ideal_from_counts(n_rel, 5), 5)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------- serving mode
+
+
+def _copy_model(result, tmp_path, name: str, **meta_changes) -> str:
+    """A copy of ``result``'s model folder with ``vrec_model.json`` changed (None: key removed)."""
+    import json
+
+    from vrec_utils.models.local import local_model_name
+
+    folder = tmp_path / name
+    shutil.copytree(result.model_dir, folder)
+    meta = json.loads((folder / "vrec_model.json").read_text())
+    for key, value in meta_changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    (folder / "vrec_model.json").write_text(json.dumps(meta))
+    return local_model_name(folder)
+
+
+def test_a_saved_gated_model_records_routed_and_a_served_one_does_not_route(moved_run, tmp_path):
+    import dataclasses
+
+    from PIL import Image
+
+    from vrec_utils.models.local import gate_router, query_router, serving_mode
+    from vrec_utils.models.mini_siglip import read_model_json
+    from vrec_utils.search import search_by_image
+
+    studio, _, work, result = moved_run
+    assert read_model_json(result.model_dir)["serving"] == "routed" and serving_mode(result.model_name) == "routed"
+    assert query_router(result.model_name) is not None
+    served = finetune(studio, "mini-siglip", work / "served", workdir=work, config=dataclasses.replace(result.config, serving="served"),
+                      device="cpu", progress=False, warm_start=result.out)  # fmt: skip
+    assert read_model_json(served.model_dir)["serving"] == "served" and serving_mode(served.model_name) == "served"
+    assert query_router(served.model_name) is None and gate_router(served.model_name) is not None
+    # a noise image is outside the gate: the routed model gives it efficientnet-lite0's neighbours, the
+    # served one ranks the model's served vectors by the query's served (here: base) vector
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(80, 60, 3), dtype=np.uint8))
+    embedder = create_embedder(served.model_name, device="cpu")
+    query = embedder.embed_images([noise])
+    assert not gate_router(served.model_name).inside(embedder.feature_model.embed_images([noise]))[0]
+    got = search_by_image(studio, work, served.model_name, noise, k=5, device="cpu")
+    vectors = load_embeddings(work, studio, served.model_name)
+    sims = (vectors.vectors @ query[0]).astype(np.float64)
+    want = [vectors.ids[j] for j in np.argsort(-sims, kind="stable")[:5]]
+    assert got["item_id"].tolist() == want
+    np.testing.assert_allclose(got["score"], np.sort(sims)[::-1][:5], rtol=0, atol=1e-5)
+    routed = search_by_image(studio, work, result.model_name, noise, k=5, device="cpu")
+    base = search_by_image(studio, work, "efficientnet-lite0", noise, k=5, device="cpu")
+    np.testing.assert_allclose(routed["score"], base["score"], rtol=0, atol=1e-6)
+    assert not np.allclose(got["score"], base["score"], atol=1e-4), "served and routed must differ here, or the test cannot tell them apart"
+
+
+def test_a_model_without_a_recorded_mode_routes_with_a_one_line_note(moved_run, tmp_path, capsys):
+    from vrec_utils.models.local import query_router, serving_mode
+    from vrec_utils.models.mini_siglip import read_model_json
+
+    _, _, _, result = moved_run
+    legacy = _copy_model(result, tmp_path, "legacy", serving=None)
+    capsys.readouterr()
+    assert serving_mode(legacy) == "routed" and query_router(legacy) is not None
+    assert serving_mode(legacy) == "routed"  # noted once per model folder
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "records no serving mode" in note[0] and "measured served" in note[0]
+    with pytest.raises(ValueError, match="serving must be"):
+        serving_mode(_copy_model(result, tmp_path, "bad", serving="sometimes"))
+    heads = {**read_model_json(result.model_dir)["heads"], "gate": False}
+    ungated = _copy_model(result, tmp_path, "ungated", serving="routed", heads=heads)
+    assert serving_mode(ungated) == "served" and query_router(ungated) is None
+
+
+def test_serving_is_a_selection_field_that_keeps_earlier_digests():
+    import dataclasses
+
+    from vrec_utils.train.config import SELECTION_FIELDS
+
+    assert "serving" not in FAST.to_dict() and "serving" in SELECTION_FIELDS
+    served = dataclasses.replace(FAST, serving="served")
+    assert served.digest() != FAST.digest() and served.training_dict() == FAST.training_dict()
+    assert FAST.serving_mode() == "routed" and dataclasses.replace(FAST, in_domain_gate=None).serving_mode() == "served"
+    with pytest.raises(ValueError, match="serving"):
+        FinetuneConfig(serving="sometimes")

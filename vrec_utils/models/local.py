@@ -15,13 +15,16 @@ of an older fine-tune.
 A mini-siglip model with an in-domain gate routes image queries (:func:`query_router`): a query
 whose base features the gate passes searches the tuned vectors, any other query searches the base
 model's vectors of the same catalog, so an out-of-domain photo gets exactly efficientnet-lite0's
-neighbours and is never compared with tuned vectors of studio shots (issue 13, round 5).
+neighbours and is never compared with tuned vectors of studio shots (issue 13, round 5). The saved
+model records this serving mode (``serving``: "routed", or "served" for a gated model that serves its
+gated vectors to every query, :func:`serving_mode`); a model saved before the mode was recorded routes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,9 +191,15 @@ class QueryRouter:
             return self.gate(torch.from_numpy(np.asarray(base_vectors, dtype=np.float32))).bool().numpy()
 
 
-def query_router(model: str) -> QueryRouter | None:
-    """The :class:`QueryRouter` of a ``local:`` mini-siglip model with an in-domain gate, else None
-    (reads only ``vrec_model.json`` and the heads, not the towers)."""
+#: ``vrec_model.json``'s key for how a gated model serves image queries ("routed" or "served"); recorded by
+#: ``vrec finetune`` since issue 13 round 6
+SERVING_KEY = "serving"
+_NOTED: set[Path] = set()  # model folders whose missing serving mode was already noted
+
+
+def gate_router(model: str) -> QueryRouter | None:
+    """The :class:`QueryRouter` of a ``local:`` mini-siglip model's in-domain gate, whatever its
+    serving mode (studies compare both modes), else None (reads only ``vrec_model.json`` and the heads)."""
     directory = local_model_dir(model)
     if directory is None:
         return None
@@ -200,6 +209,39 @@ def query_router(model: str) -> QueryRouter | None:
         return None
     heads, _ = load_heads(directory, meta)
     return QueryRouter(IMAGE_TOWER, heads.gate.cpu().eval())
+
+
+def serving_mode(model: str) -> str:
+    """How ``model`` serves image queries: "routed" (a gated model that records it, or records no mode:
+    see below) or "served" (every other model). A gated model saved before the mode was recorded is
+    routed, with a one-line note on stderr: vrec has routed gated models since issue 13 round 5 (the
+    mode that holds in a mixed catalogue: benchmarks/results/finetune_recipes_round5.md), so routing
+    keeps what such a model has done since, and the note says that the numbers it was saved with
+    were measured served."""
+    directory = local_model_dir(model)
+    if directory is None:
+        return "served"
+    directory = resolve_model_dir(directory)
+    meta = read_model_json(directory)
+    gated = meta.get("family") == "mini-siglip" and bool(meta.get("heads", {}).get("gate", False))
+    recorded = meta.get(SERVING_KEY)
+    if recorded is not None and recorded not in ("routed", "served"):
+        raise ValueError(f"{directory / MODEL_JSON}: serving must be 'routed' or 'served', got {recorded!r}")
+    if not gated:
+        return "served"
+    if recorded is None:
+        if directory not in _NOTED:
+            _NOTED.add(directory)
+            print(f"note: {directory} records no serving mode (saved before vrec recorded it): image queries are routed by its "
+                  "in-domain gate, as since issue 13 round 5; the numbers saved with it were measured served", file=sys.stderr)
+        return "routed"
+    return recorded
+
+
+def query_router(model: str) -> QueryRouter | None:
+    """The :class:`QueryRouter` search uses for ``model``: its gate's when it serves "routed"
+    (:func:`serving_mode`), None when every query searches its served vectors."""
+    return gate_router(model) if serving_mode(model) == "routed" else None
 
 
 def local_model_name(directory: str | os.PathLike) -> str:

@@ -36,7 +36,7 @@ from ..evaluation.config import UNFILTERED
 from ..evaluation.statistics import bootstrap_ci
 from ..metrics import ideal_from_counts, ndcg_at_k
 from ..models import create_embedder
-from ..models.local import query_router
+from ..models.local import gate_router
 from ..store import Embeddings, load_embeddings
 from ..train import FinetuneConfig, extract_finetuned_embeddings, make_pairs, shift_halves
 from ..train.feature_maps import extract_feature_maps
@@ -173,8 +173,9 @@ def _paired_rows(queries: str, values: dict[str, np.ndarray], n_bootstrap: int) 
 
 def _inside_gate(tuned: str, features: np.ndarray) -> np.ndarray:
     """Which rows of base ``features`` the tuned model's gate passes (all, for a model without one):
-    the router search uses (:func:`~vrec_utils.models.local.query_router`), so the study routes as served."""
-    router = query_router(tuned)
+    the gate search routes by (:func:`~vrec_utils.models.local.gate_router`), whatever serving mode the model
+    records, so the study measures both modes and routes exactly as search does."""
+    router = gate_router(tuned)
     return np.ones(len(features), dtype=bool) if router is None else router.inside(features)
 
 

@@ -16,11 +16,15 @@ LOSS_INIT = ("paper", "model")
 MIXES = ("output", "weights")  # output: alpha mix of embeddings; weights: WiSE-FT interpolation of the image head
 SELECT_ON = ("val", "shift")  # where the mix coefficient is chosen: in-domain validation, or a shifted selection set
 IMAGE_HEADS = ("residual", "diagonal")  # mini-siglip image head: x + W x + c (or low rank), or x * (1 + s) + c
+#: How a gated mini-siglip serves image queries (recorded in the saved model as ``serving``): routed: a
+#: query outside its in-domain gate searches the base model's vectors; served: every query searches the
+#: model's served vectors (one index). A model without a gate is always recorded as served.
+SERVING_MODES = ("routed", "served")
 #: Fields added after runs were recorded: left out of :meth:`FinetuneConfig.to_dict` at their
 #: default, so the digest (the run folder and checkpoint identity) of earlier runs is unchanged.
-LATER_FIELDS = {"image_head": "residual", "l2sp": 0.0, "in_domain_gate": None, "block_lr_scale": 0.1}
+LATER_FIELDS = {"image_head": "residual", "l2sp": 0.0, "in_domain_gate": None, "block_lr_scale": 0.1, "serving": "routed"}
 #: Fields used only after training, to choose and record the mix coefficient.
-SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance", "in_domain_gate")
+SELECTION_FIELDS = ("recipe", "mix", "select_on", "shift_catalog", "shift_label", "shift_group", "shift_seed", "shift_tolerance", "alpha", "alpha_tolerance", "in_domain_gate", "serving")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,11 @@ class FinetuneConfig:
     shift_seed: int = 0
     shift_tolerance: float = 0.0  # coefficients may lose at most this much nDCG@5 on the selection half vs the base
     in_domain_gate: float | None = None  # mix only images within this quantile of validation Mahalanobis distances; None: off
+    serving: str = "routed"  # a gated model's serving mode (SERVING_MODES), recorded in the saved model
+
+    def serving_mode(self) -> str:
+        """The mode the saved model records: ``serving`` for a gated model, "served" without a gate."""
+        return self.serving if self.in_domain_gate is not None else "served"
 
     def __post_init__(self) -> None:
         _choice("trainable", self.trainable, TRAINABLE)
@@ -86,6 +95,7 @@ class FinetuneConfig:
         _choice("mix", self.mix, MIXES)
         _choice("select_on", self.select_on, SELECT_ON)
         _choice("image_head", self.image_head, IMAGE_HEADS)
+        _choice("serving", self.serving, SERVING_MODES)
         if self.image_head == "diagonal" and self.image_rank is not None:
             raise ValueError("image_rank applies to the residual image head; image_head='diagonal' has no rank")
         if self.select_on == "shift" and not self.shift_catalog:

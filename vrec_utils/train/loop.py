@@ -346,7 +346,10 @@ def _finish(run: _Run, opt: Optimisation, state: LoopState, rows: _Positions, wa
     info["recipe"] = recipe_record(config, alpha, model, len(rows.ndcg))
     if gate is not None:
         info["recipe"]["gate"] = gate
-    model.save(model_dir, alpha=alpha, loss=loss_fn, extra={"base": run.base, "config": config.to_dict(), "run": info, "recipe": info["recipe"]})
+    # how search serves it (vrec_utils.models.local.query_router), recorded so it never follows from code changes
+    info["serving"] = config.serving_mode() if gate is not None else "served"
+    extra = {"base": run.base, "config": config.to_dict(), "run": info, "recipe": info["recipe"], "serving": info["serving"]}
+    model.save(model_dir, alpha=alpha, loss=loss_fn, extra=extra)
     (model_dir / "config.json").write_text(json.dumps({"base": run.base, **config.to_dict()}, indent=2))
     run.pairs.save(model_dir / "split.json")
     run.pairs.save(run.out / "split.json")
