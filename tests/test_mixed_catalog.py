@@ -371,3 +371,30 @@ def test_serving_is_a_selection_field_that_keeps_earlier_digests():
     assert FAST.serving_mode() == "routed" and dataclasses.replace(FAST, in_domain_gate=None).serving_mode() == "served"
     with pytest.raises(ValueError, match="serving"):
         FinetuneConfig(serving="sometimes")
+
+
+def test_routed_in_domain_is_the_served_value_inside_the_gate_and_the_base_value_outside(moved_run, half_gate, monkeypatch):
+    import vrec_utils.studies.recipe_study as recipe_study
+    from vrec_utils.catalog import split_catalog
+    from vrec_utils.evaluation import evaluate_models
+    from vrec_utils.evaluation.config import UNFILTERED
+
+    studio, _, work, result = moved_run
+    router, base = half_gate
+    monkeypatch.setattr(recipe_study, "gate_router", lambda model: router if model == result.model_name else None)
+    queries = list(split_catalog(studio, result.config.eval_fraction, result.config.split_seed).eval)
+    with torch.no_grad():  # about half the evaluation queries inside the gate
+        router.gate.threshold.fill_(float(router.gate.distance(torch.from_numpy(np.asarray(base.vectors_for(queries), dtype=np.float32))).median()))
+    got = recipe_study.routed_in_domain(studio, work, result.model_name, config=result.config, n_bootstrap=200).set_index("mode")
+    split = split_catalog(studio, result.config.eval_fraction, result.config.split_seed)
+    direct = evaluate_models(studio, work, ["efficientnet-lite0", result.model_name], label="articleType", split=split, ks=(5,), metrics=["ndcg@5"], n_bootstrap=10)
+    inside = router.inside(base.vectors_for(list(direct.query_ids)))
+    served, plain = direct.values[(result.model_name, UNFILTERED)]["ndcg@5"], direct.values[("efficientnet-lite0", UNFILTERED)]["ndcg@5"]
+    assert 0 < inside.mean() < 1 and got.loc["routed", "share inside the gate"] == pytest.approx(inside.mean())
+    assert got.loc["served", "mean_b"] == pytest.approx(served.mean()) and got.loc["served", "mean_a"] == pytest.approx(plain.mean())
+    routed = np.where(inside, served, plain)
+    assert got.loc["routed", "mean_b"] == pytest.approx(routed.mean()) and got.loc["routed", "diff"] == pytest.approx((routed - plain).mean())
+    assert got.loc["routed vs served", "diff"] == pytest.approx((routed - served).mean())
+    assert got.loc["routed", "diff_ci_low"] <= got.loc["routed", "diff"] <= got.loc["routed", "diff_ci_high"]
+    sides = recipe_study.both_sides(studio, work, result.model_name, config=result.config, n_bootstrap=200).iloc[0]
+    assert (sides["diff"], sides["ci_low"], sides["ci_high"]) == pytest.approx(tuple(got.loc["served", ["diff", "diff_ci_low", "diff_ci_high"]]))

@@ -3,6 +3,8 @@
 * :func:`both_sides`: the paired nDCG@5 difference of a tuned model against its base, on the
   catalog's evaluation split and on the *reported half* of a shifted catalog (split by sender,
   :func:`vrec_utils.train.shift_halves`: the selection half may have chosen the coefficient);
+* :func:`routed_in_domain`: the in-domain change of a gated model as ``vrec search`` serves it
+  (routed by each query's gate) next to its served vectors' change (the numbers :func:`both_sides` gives);
 * :func:`verdict`: "gains in-domain and holds under shift" only when both intervals say so;
 * :func:`run_recipe_study`: every recipe of :data:`vrec_utils.train.RECIPES` on the same splits
   and seeds, one table (``benchmarks/bench_finetune_recipes.py``).
@@ -19,12 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from ..catalog import Catalog, Split, load_catalog, split_catalog
 from ..evaluation import evaluate_models
-from ..store import DEFAULT_WORKDIR
+from ..evaluation.config import UNFILTERED
+from ..models.local import gate_router
+from ..store import DEFAULT_WORKDIR, load_embeddings
 from ..train import (
     RECIPES,
     FinetuneConfig,
@@ -97,6 +102,41 @@ def both_sides(
         frame.insert(0, "model", names)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)[["model", *SIDE_COLUMNS]]
+
+
+ROUTED = "routed by the query's gate"
+
+
+def routed_in_domain(
+    catalog: Catalog,
+    workdir: str | os.PathLike,
+    tuned: str,
+    *,
+    config: FinetuneConfig | None = None,
+    base_model: str = "efficientnet-lite0",
+    label: str = "articleType",
+    n_bootstrap: int = 2000,
+) -> pd.DataFrame:
+    """``tuned``'s in-domain change on ``config``'s evaluation split in both serving modes: rows
+    *served* (every query ranks the served vectors: :func:`both_sides`' in-domain number), *routed*
+    (a query inside the model's gate ranks the served vectors, any other query ``base_model``'s, so
+    its per-query nDCG@5 is the served value inside the gate and the base value outside, as
+    ``vrec search`` serves it) and routed against served; each a paired bootstrap 95% CI of the same
+    evaluation (one set of resamples), with the share of queries inside the gate. Embeddings must be cached."""
+    config = config or FinetuneConfig()
+    workdir = Path(workdir)
+    split = split_catalog(catalog, config.eval_fraction, config.split_seed)
+    result = evaluate_models(catalog, workdir, [base_model, tuned], label=label, split=split, ks=(5,), metrics=["ndcg@5"], n_bootstrap=n_bootstrap)
+    router = gate_router(tuned)
+    base_vectors = load_embeddings(workdir, catalog, base_model).vectors_for(list(result.query_ids))
+    inside = np.ones(len(result.query_ids), dtype=bool) if router is None else router.inside(base_vectors)
+    served, base = result.values[(tuned, UNFILTERED)]["ndcg@5"], result.values[(base_model, UNFILTERED)]["ndcg@5"]
+    routed = {(ROUTED, UNFILTERED): {"ndcg@5": np.where(inside, served, base)}}
+    both = dataclasses.replace(result, values={**result.values, **routed}, dims={**result.dims, (ROUTED, UNFILTERED): result.dims[(tuned, UNFILTERED)]}, _boot=None)
+    pairs = (("served", base_model, tuned), ("routed", base_model, ROUTED), ("routed vs served", tuned, ROUTED))
+    frame = pd.concat([both.compare(a, b, ["ndcg@5"]).assign(mode=mode) for mode, a, b in pairs], ignore_index=True)
+    frame["share inside the gate"] = float(inside.mean())
+    return frame[["mode", "mean_a", "mean_b", "diff", "diff_ci_low", "diff_ci_high", "p_value", "n_queries", "share inside the gate"]]
 
 
 def verdict(sides: pd.DataFrame) -> str:
@@ -207,5 +247,5 @@ def run_recipe_study(
 
 __all__ = [
     "DEFAULT_SHIFT_CATALOG", "HOLD_MARGIN", "RecipeStudy", "both_sides", "choose_by_rule", "default_shift_catalog",
-    "run_recipe_study", "selection_gains", "sides_text", "verdict",
+    "ROUTED", "routed_in_domain", "run_recipe_study", "selection_gains", "sides_text", "verdict",
 ]  # fmt: skip
