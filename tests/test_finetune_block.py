@@ -52,6 +52,26 @@ def test_cached_map_forward_equals_the_full_tower(sample_catalog, tower, tmp_pat
         assert torch.allclose(block(stored), full, atol=2e-3) and not torch.equal(block(stored), full)
 
 
+def test_maps_are_identical_to_the_per_image_transform_path(sample_catalog, tower, tmp_path):
+    """The cache decodes like vrec extract (threads, uint8 PIL stage, per-batch normalisation): the
+    stored maps equal, bit for bit, the old path's (per-image transform, stacked, channels_last) on
+    the same batches of real images."""
+    from vrec_utils.images import split_transform
+
+    assert split_transform(tower.image_transform) is not None  # the fast path is the one under test
+    catalog = sample_catalog.head(12)
+    cached = extract_feature_maps(catalog, tower, tmp_path, batch_size=5, progress=False)
+    ids = list(catalog.ids)
+    old = []
+    with torch.inference_mode():
+        for begin in range(0, len(ids), 5):  # the same batches as the cache
+            pixels = _pixels(tower, catalog, ids[begin : begin + 5])
+            if tower.prefers_channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            old.append(tower.encode_maps(pixels).float().numpy().astype(np.float16))
+    np.testing.assert_array_equal(cached.tensor(ids, catalog).numpy(), np.concatenate(old))
+
+
 def test_map_cache_resumes_and_refuses_changed_images(sample_catalog, tower, tmp_path, monkeypatch):
     from vrec_utils.train import feature_maps
 

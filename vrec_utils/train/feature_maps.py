@@ -3,7 +3,10 @@
 Tuning ``conv_head`` + its BN (the 1x1 conv 320 -> 1280, :class:`~vrec_utils.models.mini_siglip.TunedBlock`)
 needs the maps that enter it, not the pooled features. :func:`extract_feature_maps` runs the frozen
 tower once over a catalog (the same preprocessing as its embeddings) and stores the (320, 7, 7) maps
-as float16 in a memory-mapped file, so training reads them instead of running the CNN.
+as float16 in a memory-mapped file, so training reads them instead of running the CNN. Images are
+decoded as ``vrec extract`` does (:func:`~vrec_utils.extract.image_batches`: on the CPU a thread pool
+in this process) and normalised per batch (:func:`~vrec_utils.images.split_transform`: bit-identical
+pixels to the per-image transform, so the same maps).
 
 * Resumable: maps are written chunk by chunk; ``progress.json`` (written atomically after each
   flushed chunk) says how many rows are final, and a rerun continues from there.
@@ -26,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..catalog import Catalog, load_catalog
-from ..extract import ImageDataset, collate_skipping_failures
+from ..extract import ImageDataset, image_batches
+from ..images import split_transform
 from ..models.base import Embedder
 from ..store import catalog_keys, slugify
 from .config import FinetuneConfig
@@ -96,10 +99,11 @@ class FeatureMaps:
 
 
 def extract_feature_maps(
-    catalog: Catalog, tower: Embedder, workdir: str | os.PathLike, *, batch_size: int = 64, num_workers: int = 1, progress: bool = True
+    catalog: Catalog, tower: Embedder, workdir: str | os.PathLike, *, batch_size: int = 64, num_workers: int | None = None, progress: bool = True
 ) -> FeatureMaps:
     """Maps of every item of ``catalog`` before ``tower``'s last block (``tower.encode_maps``),
-    float16, resumable (see the module docstring). Returns the finished :class:`FeatureMaps`."""
+    float16, resumable (see the module docstring). Returns the finished :class:`FeatureMaps`.
+    ``num_workers``: as :func:`~vrec_utils.extract.image_batches` (None: decoding threads on the CPU)."""
     directory = feature_maps_dir(workdir, catalog, tower)
     directory.mkdir(parents=True, exist_ok=True)
     ids = list(map(str, catalog.items.index))
@@ -123,18 +127,18 @@ def extract_feature_maps(
     mode = "r+" if (directory / "maps.f16").is_file() else "w+"
     maps = np.memmap(directory / "maps.f16", dtype=np.float16, mode=mode, shape=shape)
     bar = tqdm(total=len(ids), initial=state["done"], desc=f"maps {catalog.name}", unit="img", disable=not progress, file=sys.stderr)
+    split = split_transform(tower.image_transform)  # (PIL stage to uint8, per-batch normalisation), or None
     while state["done"] < len(ids):
         begin, started = state["done"], time.perf_counter()
         end = min(len(ids), begin + CHUNK * 4)
-        loader = DataLoader(
-            ImageDataset(paths[begin:end], tower.image_transform), batch_size=batch_size, num_workers=num_workers,
-            collate_fn=collate_skipping_failures,
-        )  # fmt: skip
-        for positions, pixels, failed in loader:
+        dataset = ImageDataset(paths[begin:end], split[0] if split else tower.image_transform)
+        for positions, pixels, failed in image_batches(dataset, batch_size, num_workers, tower.device):
             for pos, reason in failed:
                 state["failed"][ids[begin + pos]] = reason
             if pixels is not None:
-                if tower.prefers_channels_last:
+                if split is not None:
+                    pixels = split[1](pixels, channels_last=tower.prefers_channels_last)
+                elif tower.prefers_channels_last:
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode():
                     out = tower.encode_maps(pixels.to(tower.device)).float().cpu().numpy()
