@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     catalog = load_catalog(args.catalog)
     config = recipe_config(args.recipe, None, args.shift_catalog)
-    table = routed_in_domain(catalog, args.workdir, args.model, config=config, n_bootstrap=args.n_bootstrap).round(4)
+    columns = ["mode", "mean_a", "mean_b", "diff", "diff_ci_low", "diff_ci_high", "p_value", "n_queries", "share inside the gate"]
+    table = routed_in_domain(catalog, args.workdir, args.model, config=config, n_bootstrap=args.n_bootstrap)[columns].round(4)
     seconds = time.perf_counter() - started
     print(f"\n{catalog.name} evaluation split, model {args.model} ({args.recipe}); a = efficientnet-lite0 (routed vs served: a = served)\n")
     print(table.to_string(index=False))

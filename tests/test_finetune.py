@@ -313,6 +313,8 @@ def test_cli_finetune(tiny_fashion, ft_workdir, tmp_path, capsys, monkeypatch):
     # a recipe that chooses on a shift catalog falls back to validation without one, and says so
     assert payload["recipe"]["name"].endswith("@val") and "none is given" in captured.err
     assert [row["side"] for row in payload["comparison"]] == ["in-domain"]
+    # an ungated model is served: its numbers say so and there is no routed row
+    assert payload["serving"] == "served" and payload["comparison"][0]["serving"] == "served" and payload["routed_in_domain"] is None
     args = ["finetune", "--catalog", "sample", "--base", "efficientnet-lite0", "--out", str(tmp_path / "x"), "--workdir", str(ft_workdir)]
     assert main(args) == 2
     assert "no text tower" in capsys.readouterr().err

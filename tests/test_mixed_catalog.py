@@ -398,3 +398,23 @@ def test_routed_in_domain_is_the_served_value_inside_the_gate_and_the_base_value
     assert got.loc["routed", "diff_ci_low"] <= got.loc["routed", "diff"] <= got.loc["routed", "diff_ci_high"]
     sides = recipe_study.both_sides(studio, work, result.model_name, config=result.config, n_bootstrap=200).iloc[0]
     assert (sides["diff"], sides["ci_low"], sides["ci_high"]) == pytest.approx(tuple(got.loc["served", ["diff", "diff_ci_low", "diff_ci_high"]]))
+
+
+def test_notebook_checks_give_a_routed_model_its_routed_row_first(moved_run, tmp_path):
+    from vrec_utils.catalog import split_catalog
+    from vrec_utils.studies.finetune_study import _Context, _in_domain_checks
+    from vrec_utils.studies.recipe_study import routed_in_domain
+    from vrec_utils.train import extract_finetuned_embeddings
+
+    studio, _, work, result = moved_run
+    extract_finetuned_embeddings(studio, result.model_name, work, progress=False)
+    split = split_catalog(studio, result.config.eval_fraction, result.config.split_seed)
+    ctx = _Context(studio, work, result.config, "mini-siglip", "efficientnet-lite0", split, "articleType", 200, "cpu", False)
+    routed, served = _in_domain_checks(ctx, result.model_name)
+    assert "routed" in routed["check"] and "served vectors" in served["check"]
+    want = routed_in_domain(studio, work, result.model_name, config=result.config, n_bootstrap=200).set_index("mode")
+    assert routed["diff"] == pytest.approx(want.loc["routed", "diff"]) and served["diff"] == pytest.approx(want.loc["served", "diff"])
+    plain = _copy_model(result, tmp_path, "served-copy", serving="served")
+    extract_finetuned_embeddings(studio, plain, work, progress=False)
+    (only,) = _in_domain_checks(ctx, plain)
+    assert only["check"].endswith("served") and only["diff"] == pytest.approx(served["diff"])

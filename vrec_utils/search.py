@@ -8,7 +8,8 @@ Every function takes an already-built ``index`` (fast for many calls) or builds/
 :func:`vrec_utils.index.build_index` (FAISS: loaded from next to the embedding cache when the
 embeddings have not changed).
 
-A fine-tune with an in-domain gate routes image queries (:func:`~vrec_utils.models.local.query_router`):
+A fine-tune with an in-domain gate that records the serving mode "routed" (or records none: a model
+saved before round 6, with a note) routes image queries (:func:`~vrec_utils.models.local.query_router`):
 a query item or image whose efficientnet-lite0 features the gate passes searches the fine-tune's
 vectors, any other searches efficientnet-lite0's vectors of the same catalog (``base_index``), so an
 out-of-domain photo gets exactly the base model's neighbours (issue 13, round 5: without routing, a

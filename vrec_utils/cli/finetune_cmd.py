@@ -9,13 +9,14 @@ from pathlib import Path
 
 from ..catalog import load_catalog
 from ..models import get_model_entry
-from ..models.local import LOCAL_SCHEME, query_router
+from ..models.local import LOCAL_SCHEME, serving_mode
 from ..models.mini_siglip import read_model_json
-from ..studies.recipe_study import both_sides, default_shift_catalog, sides_text
+from ..studies.recipe_study import both_sides, default_shift_catalog, routed_in_domain, sides_text
 from ..train import (
     RECIPES,
     SCHEDULES,
     SELECT_BY,
+    SERVING_MODES,
     TRAINABLE,
     FinetuneConfig,
     finetune,
@@ -78,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--shift-catalog", default=str(shift) if shift else "", metavar="DIR",
                    help="real shifted catalog (label, sender_id): its selection half may choose the mix coefficient, its "
                    f"reported half is measured after training (default: {shift or 'none; ../shared/data/clothing-dev is absent'}; '' for none)")
+    d.add_argument("--serving", choices=SERVING_MODES, default=_DEFAULTS.serving,
+                   help="a gated mini-siglip's serving mode, recorded in the saved model: routed (image queries outside "
+                   "its in-domain gate search efficientnet-lite0's vectors) or served (every query searches its vectors)")
     d.add_argument("--image-rank", type=positive_int, default=None, help="mini-siglip: low-rank residual image head")
     d.add_argument("--text-hidden", type=positive_int, default=None, help="mini-siglip: MLP text head width")
     r = p.add_argument_group("run")
@@ -100,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         eval_fraction=args.eval_fraction, split_seed=args.split_seed, val_fraction=args.val_fraction,
         exclude=tuple(args.exclude), max_pairs=args.max_pairs, label=args.label or None, select_by=args.select_by,
         patience=args.patience, alpha=args.alpha, image_rank=args.image_rank, text_hidden=args.text_hidden,
+        serving=args.serving,
     )  # fmt: skip
 
 
@@ -143,13 +148,17 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.n_no_title:
         print(f"{result.n_no_title} train-split item(s) without a title were skipped", file=sys.stderr)
-    sides = None
+    sides = routed = None
+    mode = serving_mode(result.model_name)
     if not args.no_compare and config.label and config.label in catalog.items.columns:
+        base_model = "efficientnet-lite0" if mini else args.base
         sides = both_sides(
             catalog, args.workdir, result.model_name, config=config, shift_catalog=args.shift_catalog or None,
-            base_model="efficientnet-lite0" if mini else args.base, label=config.label, n_bootstrap=args.n_bootstrap,
-            device=args.device,
+            base_model=base_model, label=config.label, n_bootstrap=args.n_bootstrap, device=args.device,
         )
+        if mode == "routed":  # the in-domain number users get: routed by each query's gate
+            table = routed_in_domain(catalog, args.workdir, result.model_name, config=config, base_model=base_model, label=config.label, n_bootstrap=args.n_bootstrap)
+            routed = table[table["mode"] == "routed"].iloc[0]
     if args.json:
         print_json(
             {
@@ -158,18 +167,29 @@ def run(args: argparse.Namespace) -> int:
                 "n_val": result.n_val, "n_no_title": result.n_no_title, "n_excluded": result.n_excluded,
                 "n_dropped": result.n_dropped, "train_seconds": round(result.train_seconds, 3),
                 "feature_seconds": round(result.feature_seconds, 3),
-                "history": result.history.to_dict(orient="records"), "recipe": result.info.get("recipe"),
-                "comparison": None if sides is None else sides.to_dict(orient="records"),
+                "history": result.history.to_dict(orient="records"), "recipe": result.info.get("recipe"), "serving": mode,
+                "comparison": None if sides is None else sides.assign(serving="served").to_dict(orient="records"),
+                "routed_in_domain": None if routed is None else routed.to_dict(),
             }
         )
     else:
         print(result.summary())
+        print(_serving_line(mode))
         if sides is not None:
+            print("both sides, with the served vectors for every query:")
             print(sides_text(sides))
-        print(f"use it with: vrec extract --catalog {args.catalog} --model {result.model_name}")
-        if query_router(result.model_name) is not None:
+        if routed is not None:
             print(
-                "image queries are routed by the model's in-domain gate (vrec search/recommend): those outside it "
-                "search efficientnet-lite0's vectors of the catalog (vrec extract --model efficientnet-lite0)"
+                f"in-domain as served to users (routed; {routed['share inside the gate']:.1%} of queries inside the gate): "
+                f"{routed['mean_a']:.4f} -> {routed['mean_b']:.4f}, diff {routed['diff']:+.4f} "
+                f"[95% CI {routed['diff_ci_low']:+.4f}, {routed['diff_ci_high']:+.4f}]"
             )
+        print(f"use it with: vrec extract --catalog {args.catalog} --model {result.model_name}")
     return 0
+
+
+def _serving_line(mode: str) -> str:
+    if mode == "routed":
+        return ("serving: routed (recorded in the model): image queries outside its in-domain gate search efficientnet-lite0's "
+                "vectors of the catalog (vrec extract --model efficientnet-lite0), the others its own (vrec search/recommend)")
+    return "serving: served (recorded in the model): every query searches the model's own vectors"

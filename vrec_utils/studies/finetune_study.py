@@ -32,6 +32,7 @@ from ..evaluation import evaluate_embeddings, evaluate_models
 from ..images import load_rgb
 from ..index import create_index
 from ..models import create_embedder, resolve_device
+from ..models.local import serving_mode
 from ..search import recommend, search_by_text
 from ..store import DEFAULT_WORKDIR, Embeddings, load_embeddings, slugify
 from ..train import (
@@ -46,7 +47,7 @@ from ..train import (
 )
 from ..train.feature_maps import extract_feature_maps
 from ..train.recipes import DEFAULT_RECIPE
-from .recipe_study import SIDE_COLUMNS, default_shift_catalog, verdict
+from .recipe_study import SIDE_COLUMNS, default_shift_catalog, routed_in_domain, verdict
 
 MIN_CHECK_ITEMS = 10  # evaluation items a shift check needs on each side
 
@@ -279,8 +280,13 @@ class FinetuneMeasurement:
                 })  # fmt: skip
         return pd.DataFrame(rows, columns=["model", *SIDE_COLUMNS])
 
+    @property
+    def serving(self) -> str:
+        """How the tuned model is served, as its saved model records (:func:`serving_mode`)."""
+        return serving_mode(self.tuned_model)
+
     def verdict(self) -> str:
-        """:func:`~vrec_utils.studies.recipe_study.verdict` of :meth:`sides`."""
+        """:func:`~vrec_utils.studies.recipe_study.verdict` of :meth:`sides` (a routed model: its routed in-domain row)."""
         return verdict(self.sides())
 
     def summary(self) -> str:
@@ -398,7 +404,7 @@ def measure_finetune(
     runs["in-domain"] = load_result(tuned)["result"]
     for model in (tuned, base_model):  # cached: a quick check
         extract_finetuned_embeddings(catalog, model, workdir, device=device, progress=progress)
-    checks = [_compare(catalog, workdir, base_model, tuned, split, label, n_bootstrap, "in-domain (eval split)", "tuned")]
+    checks = _in_domain_checks(ctx, tuned)
     notes: list[str] = []
     if shift_catalog is not None:
         checks.append(_real_shift_check(ctx, tuned, shift_catalog))
@@ -437,6 +443,20 @@ class _Context:
     n_bootstrap: int
     device: Any
     progress: bool
+
+
+def _in_domain_checks(ctx: _Context, tuned: str) -> list[dict[str, Any]]:
+    """The evaluation split, in the mode the model is served in (:func:`serving_mode`): a routed
+    model's routed row first (what ``vrec search`` gives users, and what the verdict reads), then
+    its served vectors' row; a served model's row alone."""
+    mode = serving_mode(tuned)
+    served = _compare(ctx.catalog, ctx.workdir, ctx.base_model, tuned, ctx.split, ctx.label, ctx.n_bootstrap, "in-domain (eval split), served", "tuned")
+    if mode != "routed":
+        return [served]
+    served["check"] = "in-domain (eval split), served vectors for every query"
+    table = routed_in_domain(ctx.catalog, ctx.workdir, tuned, config=ctx.config, base_model=ctx.base_model, label=ctx.label, n_bootstrap=ctx.n_bootstrap)
+    routed = table[table["mode"] == "routed"].drop(columns=["mode", "share inside the gate"]).iloc[0].to_dict()
+    return [{"check": "in-domain (eval split), routed as served to users", "model_b_label": "tuned, routed", **routed}, served]
 
 
 def _real_shift_check(ctx: _Context, tuned: str, shift_catalog: str | os.PathLike) -> dict[str, Any]:

@@ -122,7 +122,8 @@ def routed_in_domain(
     (a query inside the model's gate ranks the served vectors, any other query ``base_model``'s, so
     its per-query nDCG@5 is the served value inside the gate and the base value outside, as
     ``vrec search`` serves it) and routed against served; each a paired bootstrap 95% CI of the same
-    evaluation (one set of resamples), with the share of queries inside the gate. Embeddings must be cached."""
+    evaluation (one set of resamples; the columns of ``EvaluationResult.compare``), with the share of
+    queries inside the gate. Embeddings must be cached."""
     config = config or FinetuneConfig()
     workdir = Path(workdir)
     split = split_catalog(catalog, config.eval_fraction, config.split_seed)
@@ -136,7 +137,7 @@ def routed_in_domain(
     pairs = (("served", base_model, tuned), ("routed", base_model, ROUTED), ("routed vs served", tuned, ROUTED))
     frame = pd.concat([both.compare(a, b, ["ndcg@5"]).assign(mode=mode) for mode, a, b in pairs], ignore_index=True)
     frame["share inside the gate"] = float(inside.mean())
-    return frame[["mode", "mean_a", "mean_b", "diff", "diff_ci_low", "diff_ci_high", "p_value", "n_queries", "share inside the gate"]]
+    return frame[["mode", *frame.columns.drop("mode")]]
 
 
 def verdict(sides: pd.DataFrame) -> str:
