@@ -11,7 +11,7 @@ photo. Prints the CPU line and one table per recipe and mode, and the picks of r
 Usage::
 
     .venv/bin/python benchmarks/bench_mixed_rule.py --workdir /tmp/ft13-work --recipes a,b \
-        [--out benchmarks/results/finetune_recipes_round5_rule]
+        [--out benchmarks/results/finetune_recipes_round5_rule] [--with-earlier earlier_rule.csv,...]
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", required=True, help="comma-separated recipe names (each with a finished run in --workdir)")
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipes_round5_rule")
+    parser.add_argument("--with-earlier", default="", metavar="CSV[,CSV]",
+                        help="earlier outputs of this script (their rows are read, not recomputed): the picks are over those runs and --recipes")
     args = parser.parse_args(argv)
 
     print(cpu_line())
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     table, mixed = pd.DataFrame(rows), pd.DataFrame(modes)
     both = table.merge(mixed, on="recipe").round(4)
+    earlier = [pd.read_csv(path) for path in args.with_earlier.split(",") if path]
+    pool = pd.concat([*earlier, both], ignore_index=True)  # earlier runs first: ties go to the earlier row
+    if pool.duplicated(["recipe", "serving"]).any():
+        raise SystemExit("--with-earlier: a recipe appears twice; each run is read once")
+    table, mixed = pool.drop_duplicates("recipe")[["recipe", "coefficient", "val gain", "selection change"]], pool
     round4 = choose_by_rule(table, ROUND2_TOLERANCE)
     try:
         recipe, mode = choose_with_mixed_check(table, ROUND2_TOLERANCE, mixed)
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     rule = RULE.format(t=ROUND2_TOLERANCE, m=MIXED_TOLERANCE)
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         print(both.to_string(index=False))
-    print(f"\nround 4's rule picks: {round4}\nround 5's rule picks: {round5}\ntotal {seconds:.0f} s")
+    print(f"\nover {len(table)} runs: round 4's rule picks: {round4}\nround 5's rule picks: {round5}\ntotal {seconds:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     both.to_csv(args.out.with_suffix(".csv"), index=False)
     args.out.with_suffix(".md").write_text(
@@ -90,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`{' '.join(['benchmarks/bench_mixed_rule.py', *(argv if argv is not None else sys.argv[1:])])}`\n\n"
         f"Rule: {rule}. Changes are nDCG@5 against efficientnet-lite0 with paired bootstrap (BCa) 95% CIs; "
         f"no evaluation item or reported-half photo is read.\n\n"
-        f"Round 4's rule picks: **{round4}**. Round 5's rule picks: **{round5}**. Total {seconds:.0f} s.\n\n"
+        f"Picks over {len(table)} runs ({len(table) - len(rows)} read from {args.with_earlier or 'no earlier table'}): "
+        f"round 4's rule: **{round4}**; round 5's rule: **{round5}**. Total {seconds:.0f} s.\n\n"
         f"{both.to_markdown(index=False)}\n"
     )
     print(f"wrote {args.out.with_suffix('.csv')}, .md")
