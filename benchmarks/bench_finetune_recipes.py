@@ -31,6 +31,9 @@ Usage::
     #   block-distill10-augment-shift,gated-block-distill10-augment-shift (efficientnet-lite0's last block
     #   tuned on cached feature maps, which the first run extracts under WORKDIR/feature-maps),
     #   distill10-augment2-shift,gated-distill10-augment2-shift
+    # round 5: the round-4 rows plus block-distill10-augment2-shift,gated-block-distill10-augment2-shift;
+    # round 6 (benchmarks/results/finetune_recipes_round6.md): plus block-lr3-distill10-augment-shift,
+    #   gated-block-lr3-distill10-augment-shift
 
 A rerun reuses the cached features and finished runs (ensure_finetuned).
 """

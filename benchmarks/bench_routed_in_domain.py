@@ -9,7 +9,7 @@ from one set of resamples) and writes CSV and Markdown.
 Usage::
 
     .venv/bin/python benchmarks/bench_routed_in_domain.py --workdir /tmp/ft13-work --model local:RUN/model \
-        [--recipe gated-block-distill10-augment2-shift] [--out benchmarks/results/routed_in_domain_round6]
+        [--recipe gated-block-lr3-distill10-augment-shift] [--out benchmarks/results/routed_in_domain_round6_default]
 """
 
 from __future__ import annotations
