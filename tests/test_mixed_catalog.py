@@ -374,6 +374,7 @@ def test_serving_is_a_selection_field_that_keeps_earlier_digests():
 
 
 def test_routed_in_domain_is_the_served_value_inside_the_gate_and_the_base_value_outside(moved_run, half_gate, monkeypatch):
+    import vrec_utils.models.local as local
     import vrec_utils.studies.recipe_study as recipe_study
     from vrec_utils.catalog import split_catalog
     from vrec_utils.evaluation import evaluate_models
@@ -381,7 +382,7 @@ def test_routed_in_domain_is_the_served_value_inside_the_gate_and_the_base_value
 
     studio, _, work, result = moved_run
     router, base = half_gate
-    monkeypatch.setattr(recipe_study, "gate_router", lambda model: router if model == result.model_name else None)
+    monkeypatch.setattr(local, "gate_router", lambda model: router if model == result.model_name else None)
     queries = list(split_catalog(studio, result.config.eval_fraction, result.config.split_seed).eval)
     with torch.no_grad():  # about half the evaluation queries inside the gate
         router.gate.threshold.fill_(float(router.gate.distance(torch.from_numpy(np.asarray(base.vectors_for(queries), dtype=np.float32))).median()))

@@ -197,18 +197,33 @@ SERVING_KEY = "serving"
 _NOTED: set[Path] = set()  # model folders whose missing serving mode was already noted
 
 
-def gate_router(model: str) -> QueryRouter | None:
-    """The :class:`QueryRouter` of a ``local:`` mini-siglip model's in-domain gate, whatever its
-    serving mode (studies compare both modes), else None (reads only ``vrec_model.json`` and the heads)."""
+def _saved_mini_siglip(model: str) -> tuple[Path, dict, bool] | None:
+    """``(model folder, vrec_model.json, has an in-domain gate)`` of a ``local:`` model, else None."""
     directory = local_model_dir(model)
     if directory is None:
         return None
     directory = resolve_model_dir(directory)
     meta = read_model_json(directory)
-    if meta.get("family") != "mini-siglip" or not meta.get("heads", {}).get("gate", False):
-        return None
+    return directory, meta, meta.get("family") == "mini-siglip" and bool(meta.get("heads", {}).get("gate", False))
+
+
+def _router(directory: Path, meta: dict) -> QueryRouter:
     heads, _ = load_heads(directory, meta)
     return QueryRouter(IMAGE_TOWER, heads.gate.cpu().eval())
+
+
+def gate_router(model: str) -> QueryRouter | None:
+    """The :class:`QueryRouter` of a ``local:`` mini-siglip model's in-domain gate, whatever its
+    serving mode (studies compare both modes), else None (reads only ``vrec_model.json`` and the heads)."""
+    saved = _saved_mini_siglip(model)
+    return _router(*saved[:2]) if saved is not None and saved[2] else None
+
+
+def inside_gate(model: str, base_vectors: np.ndarray) -> np.ndarray:
+    """Which rows of ``base_vectors`` (unit-norm base-model features) ``model``'s in-domain gate
+    passes, whatever its serving mode; every row for a model without a gate."""
+    router = gate_router(model)
+    return np.ones(len(base_vectors), dtype=bool) if router is None else router.inside(base_vectors)
 
 
 def serving_mode(model: str) -> str:
@@ -218,12 +233,11 @@ def serving_mode(model: str) -> str:
     mode that holds in a mixed catalogue: benchmarks/results/finetune_recipes_round5.md), so routing
     keeps what such a model has done since, and the note says that the numbers it was saved with
     were measured served."""
-    directory = local_model_dir(model)
-    if directory is None:
-        return "served"
-    directory = resolve_model_dir(directory)
-    meta = read_model_json(directory)
-    gated = meta.get("family") == "mini-siglip" and bool(meta.get("heads", {}).get("gate", False))
+    saved = _saved_mini_siglip(model)
+    return "served" if saved is None else _serving_mode(*saved)
+
+
+def _serving_mode(directory: Path, meta: dict, gated: bool) -> str:
     recorded = meta.get(SERVING_KEY)
     if recorded is not None and recorded not in ("routed", "served"):
         raise ValueError(f"{directory / MODEL_JSON}: serving must be 'routed' or 'served', got {recorded!r}")
@@ -240,8 +254,12 @@ def serving_mode(model: str) -> str:
 
 def query_router(model: str) -> QueryRouter | None:
     """The :class:`QueryRouter` search uses for ``model``: its gate's when it serves "routed"
-    (:func:`serving_mode`), None when every query searches its served vectors."""
-    return gate_router(model) if serving_mode(model) == "routed" else None
+    (:func:`serving_mode`), None when every query searches its served vectors. Reads the saved
+    model once."""
+    saved = _saved_mini_siglip(model)
+    if saved is None or _serving_mode(*saved) != "routed":
+        return None
+    return _router(*saved[:2])
 
 
 def local_model_name(directory: str | os.PathLike) -> str:

@@ -36,7 +36,7 @@ from ..evaluation.config import UNFILTERED
 from ..evaluation.statistics import bootstrap_ci
 from ..metrics import ideal_from_counts, ndcg_at_k
 from ..models import create_embedder
-from ..models.local import gate_router
+from ..models.local import inside_gate
 from ..store import Embeddings, load_embeddings
 from ..train import FinetuneConfig, extract_finetuned_embeddings, make_pairs, shift_halves
 from ..train.feature_maps import extract_feature_maps
@@ -171,14 +171,6 @@ def _paired_rows(queries: str, values: dict[str, np.ndarray], n_bootstrap: int) 
     return rows
 
 
-def _inside_gate(tuned: str, features: np.ndarray) -> np.ndarray:
-    """Which rows of base ``features`` the tuned model's gate passes (all, for a model without one):
-    the gate search routes by (:func:`~vrec_utils.models.local.gate_router`), whatever serving mode the model
-    records, so the study measures both modes and routes exactly as search does."""
-    router = gate_router(tuned)
-    return np.ones(len(features), dtype=bool) if router is None else router.inside(features)
-
-
 @dataclass(frozen=True)
 class MixedCheck:
     """:func:`mixed_catalog_check`'s paired comparisons (``table``) and neighbour mix (``neighbours``)."""
@@ -248,7 +240,7 @@ def mixed_catalog_check(
     variants = _variants(studio, studio_ids, photos, photo_ids, Path(workdir), tuned, base_model)
     result = evaluate_embeddings(mixed, variants, label="kind", ks=(5,), metrics=["ndcg@5"], exclude_duplicates=False, n_bootstrap=n_bootstrap)
     base = variants[VARIANTS[0]]
-    inside = pd.Series(_inside_gate(tuned, base.vectors), index=base.ids)
+    inside = pd.Series(inside_gate(tuned, base.vectors), index=base.ids)  # as search routes, whatever mode the model records
     domains = mixed.items["domain"]
     shares = {v: pd.Series(cross_domain_share(e.vectors, domains.loc[list(e.ids)].to_numpy()), index=e.ids) for v, e in variants.items()}
     per_query = {v: pd.Series(result.values[(v, UNFILTERED)]["ndcg@5"], index=result.query_ids) for v in VARIANTS[:3]}

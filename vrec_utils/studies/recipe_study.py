@@ -28,7 +28,7 @@ import torch
 from ..catalog import Catalog, Split, load_catalog, split_catalog
 from ..evaluation import evaluate_models
 from ..evaluation.config import UNFILTERED
-from ..models.local import gate_router
+from ..models.local import inside_gate
 from ..store import DEFAULT_WORKDIR, load_embeddings
 from ..train import (
     RECIPES,
@@ -128,9 +128,7 @@ def routed_in_domain(
     workdir = Path(workdir)
     split = split_catalog(catalog, config.eval_fraction, config.split_seed)
     result = evaluate_models(catalog, workdir, [base_model, tuned], label=label, split=split, ks=(5,), metrics=["ndcg@5"], n_bootstrap=n_bootstrap)
-    router = gate_router(tuned)
-    base_vectors = load_embeddings(workdir, catalog, base_model).vectors_for(list(result.query_ids))
-    inside = np.ones(len(result.query_ids), dtype=bool) if router is None else router.inside(base_vectors)
+    inside = inside_gate(tuned, load_embeddings(workdir, catalog, base_model).vectors_for(list(result.query_ids)))
     served, base = result.values[(tuned, UNFILTERED)]["ndcg@5"], result.values[(base_model, UNFILTERED)]["ndcg@5"]
     routed = {(ROUTED, UNFILTERED): {"ndcg@5": np.where(inside, served, base)}}
     both = dataclasses.replace(result, values={**result.values, **routed}, dims={**result.dims, (ROUTED, UNFILTERED): result.dims[(tuned, UNFILTERED)]}, _boot=None)
