@@ -40,6 +40,7 @@ from ..models.local import inside_gate
 from ..store import Embeddings, load_embeddings
 from ..train import FinetuneConfig, extract_finetuned_embeddings, make_pairs, shift_halves
 from ..train.feature_maps import extract_feature_maps
+from .recipe_study import loses_at_most
 
 #: clothing-dev ``label`` -> shared kind
 PHOTO_KINDS = {
@@ -192,7 +193,7 @@ class MixedCheck:
                 got = table.loc[(queries, f"{variant} vs {VARIANTS[0]}")]
                 name = queries.removesuffix(" only")
                 row |= {f"{name} change": got["diff"], f"{name} CI": f"[{got['ci_low']:+.4f}, {got['ci_high']:+.4f}]"}
-            row["mixed eligible"] = bool(row["photo -> studio change"] >= -tolerance - 1e-12 and row["studio change"] >= -tolerance - 1e-12)
+            row["mixed eligible"] = bool(loses_at_most(row["photo -> studio change"], tolerance) and loses_at_most(row["studio change"], tolerance))
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -274,7 +275,7 @@ def choose_with_mixed_check(table: pd.DataFrame, tolerance: float, mixed: pd.Dat
     selection-half and selection-mixed columns are read."""
     rows = table[["recipe", "val gain", "selection change"]].reset_index(names="order").merge(mixed[["recipe", "serving", "mixed eligible"]], on="recipe")
     rows["mode order"] = rows["serving"].map({mode: n for n, mode in enumerate(SERVING)})
-    ok = rows[rows["selection change"].notna() & (rows["selection change"] >= -tolerance - 1e-12) & rows["mixed eligible"].astype(bool)]
+    ok = rows[rows["selection change"].notna() & loses_at_most(rows["selection change"], tolerance) & rows["mixed eligible"].astype(bool)]
     if ok.empty:
         raise ValueError(f"no recipe passes both the selection-half tolerance {tolerance:g} and the mixed-catalogue check")
     best = ok.sort_values(["val gain", "order", "mode order"], ascending=[False, True, True], kind="stable").iloc[0]

@@ -190,12 +190,18 @@ def selection_gains(alpha_table: pd.DataFrame | None, coefficient: float | None)
     return out
 
 
+def loses_at_most(change, tolerance: float):
+    """``change >= -tolerance``, with 1e-12 of float slack so a loss of exactly ``tolerance`` passes
+    (a float or a Series; NaN never passes): the rules' tolerance test, in one place."""
+    return change >= -tolerance - 1e-12
+
+
 def choose_by_rule(table: pd.DataFrame, tolerance: float) -> str:
     """The study's default: among recipes whose coefficient was chosen on the shift selection half
     and loses at most ``tolerance`` there, the one with the best in-domain *validation* gain (ties:
     the earlier row). Only validation and selection-half columns are read: never the evaluation
     split's or the reported half's ("in-domain diff", "shift diff")."""
-    eligible = table[table["selection change"].notna() & (table["selection change"] >= -tolerance - 1e-12)]
+    eligible = table[table["selection change"].notna() & loses_at_most(table["selection change"], tolerance)]
     if eligible.empty:
         raise ValueError(f"no recipe chose its coefficient on the selection half within tolerance {tolerance:g}")
     return str(eligible.loc[eligible["val gain"].idxmax(), "recipe"])
@@ -246,5 +252,5 @@ def run_recipe_study(
 
 __all__ = [
     "DEFAULT_SHIFT_CATALOG", "HOLD_MARGIN", "RecipeStudy", "both_sides", "choose_by_rule", "default_shift_catalog",
-    "ROUTED", "routed_in_domain", "run_recipe_study", "selection_gains", "sides_text", "verdict",
+    "ROUTED", "loses_at_most", "routed_in_domain", "run_recipe_study", "selection_gains", "sides_text", "verdict",
 ]  # fmt: skip
