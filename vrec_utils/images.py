@@ -128,18 +128,20 @@ class ResizeThenCenterCrop:
 
     def __init__(self, resize, crop) -> None:
         self.resize, self.crop = resize, crop
+        # what every call needs, derived once (this runs per image)
+        self._size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+        self._resample = Image.Resampling[resize.interpolation.name]
 
     def __call__(self, im: Image.Image) -> Image.Image:
         from torchvision.transforms.functional import _compute_resized_output_size
 
         width, height = im.size
-        size = [self.resize.size] if isinstance(self.resize.size, int) else list(self.resize.size)
-        new_height, new_width = _compute_resized_output_size((height, width), size, self.resize.max_size)
+        new_height, new_width = _compute_resized_output_size((height, width), self._size, self.resize.max_size)
         crop_height, crop_width = self.crop.size
         plain = im.mode not in ("RGB", "L")  # Pillow resizes "P"/"1" as NEAREST, "RGBA" premultiplied
         if plain or new_width < width or new_height < height or crop_width > new_width or crop_height > new_height:
             return self.crop(self.resize(im))
-        resample = Image.Resampling[self.resize.interpolation.name]
+        resample = self._resample
         top, left = int(round((new_height - crop_height) / 2.0)), int(round((new_width - crop_width) / 2.0))
         if new_width != width:
             im = im.resize((new_width, height), resample)  # the horizontal pass alone
