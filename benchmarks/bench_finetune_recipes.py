@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _machine import cpu_line
+from _study_args import add_study_arguments
 
 from vrec_utils.catalog import load_catalog
 from vrec_utils.studies.recipe_study import HOLD_MARGIN, choose_by_rule, run_recipe_study
@@ -104,13 +104,9 @@ def plot_tradeoff(study, tolerance: float, path: Path, pick: str | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--catalog", type=Path, default=Path(os.environ.get("VREC_FASHION_SMALL", REPO.parent / "shared" / "data" / "fashion-small")))
-    parser.add_argument("--shift-catalog", type=Path, default=REPO.parent / "shared" / "data" / "clothing-dev")
-    parser.add_argument("--workdir", type=Path, default=REPO / "work")
+    add_study_arguments(parser, "finetune_recipes", workdir=REPO / "work")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
-    parser.add_argument("--n-bootstrap", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every recipe (default: FinetuneConfig's)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipes")
     parser.add_argument("--rule-tolerance", type=float, default=ROUND2_TOLERANCE, help="selection-half tolerance of the default's rule")
     args = parser.parse_args(argv)
 

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _machine import cpu_line
+from _study_args import add_study_arguments
 
 from vrec_utils.catalog import load_catalog
 from vrec_utils.studies.mixed_catalog import MIXED_TOLERANCE, choose_with_mixed_check, mixed_catalog_check
@@ -46,12 +46,8 @@ RULE = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--catalog", type=Path, default=Path(os.environ.get("VREC_FASHION_SMALL", REPO.parent / "shared" / "data" / "fashion-small")))
-    parser.add_argument("--shift-catalog", type=Path, default=REPO.parent / "shared" / "data" / "clothing-dev")
-    parser.add_argument("--workdir", type=Path, required=True)
+    add_study_arguments(parser, "finetune_recipes_round5_rule")
     parser.add_argument("--recipes", required=True, help="comma-separated recipe names (each with a finished run in --workdir)")
-    parser.add_argument("--n-bootstrap", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipes_round5_rule")
     parser.add_argument("--with-earlier", default="", metavar="CSV[,CSV]",
                         help="earlier outputs of this script (their rows are read, not recomputed): the picks are over those runs and --recipes")
     args = parser.parse_args(argv)

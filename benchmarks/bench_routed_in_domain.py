@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _machine import cpu_line
+from _study_args import add_study_arguments
 
 from vrec_utils.catalog import load_catalog
 from vrec_utils.studies.recipe_study import routed_in_domain
@@ -34,13 +34,9 @@ from vrec_utils.train.recipes import DEFAULT_RECIPE
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--catalog", type=Path, default=Path(os.environ.get("VREC_FASHION_SMALL", REPO.parent / "shared" / "data" / "fashion-small")))
-    parser.add_argument("--shift-catalog", type=Path, default=REPO.parent / "shared" / "data" / "clothing-dev")
-    parser.add_argument("--workdir", type=Path, required=True)
+    add_study_arguments(parser, "routed_in_domain")
     parser.add_argument("--model", required=True, help="the fine-tuned model (local:DIR), its embeddings cached in --workdir")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="the model's recipe (its split settings)")
-    parser.add_argument("--n-bootstrap", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "routed_in_domain")
     args = parser.parse_args(argv)
 
     print(cpu_line())
