@@ -3,10 +3,13 @@
 For each model and engine (torch, openvino when installed) on the same images:
 
 * ``prep img/s``: decode + preprocess alone (one thread: the PIL stage to the uint8 batch);
-* ``forward img/s``: the engine alone on a batch already in memory, in the form the pipeline feeds
-  it (its normalisation included: torch's in Python, OpenVINO's inside the compiled model);
+* ``forward img/s``: the engine alone on a batch already in memory, in the form and the way the
+  pipeline feeds it (:func:`vrec_utils.extract.encode_batches`: OpenVINO's queued parts over its
+  streams, torch one batch at a time; the normalisation included: torch's in Python, OpenVINO's
+  inside the compiled model);
 * ``pipeline img/s``: ``vrec extract``'s steady rate (decoding, engine and cache writes; on a CPU
-  the decode threads run between forward passes, see :func:`vrec_utils.extract.image_batches`),
+  the decode threads run between torch's forward passes, or while OpenVINO's streams run the
+  batch before, see :func:`vrec_utils.extract.image_batches` and ``encode_batches``),
   timed in whole calls after the first (the engine compiled and warm, as on every batch of a long
   run but the first few), in ``--rounds`` rounds interleaved with the forward loop (medians;
   ``pipeline/forward per round`` shows the spread), and ``pipeline/forward``, the share of the forward rate the pipeline keeps
@@ -49,7 +52,7 @@ from _machine import cpu_line
 
 from vrec_utils.catalog import load_catalog
 from vrec_utils.engines import openvino_engine, select_engine
-from vrec_utils.extract import extract_image_embeddings
+from vrec_utils.extract import encode_batches, extract_image_embeddings
 from vrec_utils.images import load_rgb, pixel_batch
 from vrec_utils.models import create_embedder, get_model_entry
 
@@ -84,9 +87,13 @@ def forward_rate(engine, pixels: torch.Tensor, seconds: float) -> float:
     for _ in range(3):
         engine.encode_images(pixels)
     done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        engine.encode_images(pixels)
-        done += len(pixels)
+
+    def same_batch_until_time_is_up():
+        while time.perf_counter() - start < seconds:
+            yield None, pixels
+
+    for _, vectors in encode_batches(engine, same_batch_until_time_is_up(), normalize=False):
+        done += len(vectors)
     return done / (time.perf_counter() - start)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import functools
 import json
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from hostile import READABLE, make_hostile_catalog
 from test_extract import SmallConvEmbedder
 from vrec_utils import engines
 from vrec_utils.catalog import load_catalog
@@ -426,6 +429,109 @@ def test_openvino_precision_auto_keeps_the_bar_and_bf16_states_its_cosine(ov, fa
     measured = torch.nn.functional.cosine_similarity(bf16.encode_images(check), reference).min().item()
     assert measured == pytest.approx(bf16.check_cosine, abs=1e-6)
     assert ("below the 0.999 bar" in bf16.reason) == (measured < 0.999)
+
+
+class _FakeRequest:
+    """An infer request that runs only when waited for: what a busy stream looks like."""
+
+    def __init__(self, log: dict) -> None:
+        self.log, self.inputs, self.running = log, None, False
+        self.model_inputs = ["pixels"]
+
+    def start_async(self, inputs, share_inputs):
+        assert share_inputs and not self.running
+        self.inputs, self.running = inputs, True
+        self.log["started"] += 1
+        self.log["most running"] = max(self.log["most running"], sum(r.running for r in self.log["requests"]))
+
+    def wait_for(self, timeout_ms):
+        return not self.running
+
+    def wait(self):
+        self.running = False
+
+    def get_output_tensor(self, index):
+        assert not self.running
+        return types.SimpleNamespace(data=self.inputs[0] * 2.0)
+
+
+class _FakeCompiled:
+    def __init__(self) -> None:
+        self.log = {"started": 0, "most running": 0, "requests": []}
+
+    def create_infer_request(self):
+        self.log["requests"].append(_FakeRequest(self.log))
+        return self.log["requests"][-1]
+
+
+def test_infer_stream_queues_a_batch_ahead_in_parts_and_keeps_order():
+    """infer_stream (what vrec extract feeds OpenVINO through) cuts each batch into 4 parts per
+    stream, keeps up to two batches of parts queued, so the next batch is prepared while a whole
+    one is still queued, gives each batch's rows back in order, passes a batch without inputs (all
+    its images unreadable) through in its place, and, stopped early, waits for every part still
+    reading the caller's arrays (they are shared, not copied)."""
+    from vrec_utils.engines.openvino_engine import StreamRequests
+
+    compiled = _FakeCompiled()
+    stream = StreamRequests(compiled, count=2)  # 2 streams: 8 parts per batch, 16 requests queued at most
+    arrays = {tag: np.arange(size * 3, dtype=np.float32).reshape(size, 3) + offset for offset, (tag, size) in enumerate([("a", 32), ("b", 3), ("d", 32), ("e", 32)])}
+    jobs = [("a", arrays["a"]), ("b", arrays["b"]), ("c", None), ("d", arrays["d"]), ("e", arrays["e"])]
+    prepared = []
+
+    def prepare():
+        for tag, array in jobs:
+            prepared.append(tag)  # the caller decodes this batch now
+            yield tag, None if array is None else {0: array}
+
+    results = stream.infer_stream(prepare())
+    tag, rows = next(results)
+    # "a" stayed queued while "b", "c", "d" were prepared; "e" needed its requests, so it was waited for
+    assert tag == "a" and prepared == ["a", "b", "c", "d", "e"]
+    np.testing.assert_array_equal(rows, arrays["a"] * 2)
+    assert compiled.log["started"] == 8 + 3 + 8 + 8 and compiled.log["most running"] == 16
+    rest = list(results)
+    assert [tag for tag, _ in rest] == ["b", "c", "d", "e"] and rest[1][1] is None
+    for tag, rows in rest:
+        if rows is not None:
+            np.testing.assert_array_equal(rows, arrays[tag] * 2)
+    early = stream.infer_stream(prepare())
+    next(early)
+    assert any(request.running for request in compiled.log["requests"])
+    early.close()  # the caller stops (an error downstream, Ctrl-C)
+    assert not any(request.running for request in compiled.log["requests"])
+
+
+def test_openvino_encode_stream_gives_the_vectors_of_encode_images_in_order(ov, tmp_path, small_catalog):
+    """The real engine: batches of any size through the queued parts equal encode_images' rows
+    (one request per batch split over the streams); a float batch runs one at a time in its place."""
+    embedder = NormalizedConvEmbedder()
+    engine = select_engine("openvino", embedder, "fp32", tmp_path)
+    raw = pixel_batch([load_rgb(p) for p in small_catalog.items["image"][:20]], embedder.image_transform)
+    expected = engine.encode_images(raw)
+    floats = model_pixels(raw[:3], embedder.image_transform)
+    batches = [("a", raw[:7]), ("b", raw[7:8]), ("c", None), ("d", raw[8:20]), ("e", floats)]
+    out = list(engine.encode_stream(iter(batches)))
+    assert [tag for tag, _ in out] == ["a", "b", "c", "d", "e"] and out[2][1] is None
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1], out[3][1]]), expected, atol=1e-6, rtol=0)
+    assert torch.nn.functional.cosine_similarity(out[4][1], expected[:3]).min() >= 0.99999
+
+
+def test_openvino_extraction_of_a_hostile_catalog_matches_torch(ov, tmp_path, sample_catalog):
+    """Unreadable images inside and across batches (some batches have none left) through the
+    OpenVINO pipeline: the same images skipped as with torch, each vector its own image's."""
+    csv = make_hostile_catalog(tmp_path / "cat", [Path(p) for p in sample_catalog.items["image"].iloc[:2]])
+    catalog = load_catalog(csv)
+    runs = {
+        engine: extract_image_embeddings(catalog, NormalizedConvEmbedder(), tmp_path / engine, batch_size=2, precision="fp32", engine=engine, progress=False)
+        for engine in ("torch", "openvino")
+    }  # fmt: skip
+    assert runs["openvino"].engine == "openvino"
+    assert set(runs["openvino"].embeddings.ids) == set(runs["torch"].embeddings.ids) == set(READABLE)
+    assert set(runs["openvino"].skipped["id"]) == set(runs["torch"].skipped["id"])
+    ids = runs["torch"].embeddings.ids
+    ov_vectors = np.asarray(runs["openvino"].embeddings.vectors)[runs["openvino"].embeddings.positions(ids)]
+    cosine = np.sum(ov_vectors * np.asarray(runs["torch"].embeddings.vectors), axis=1)
+    assert cosine.min() >= 0.99999, dict(zip(ids, cosine))
 
 
 def test_stream_requests_split_a_batch_and_keep_row_order(ov, tmp_path, small_catalog):

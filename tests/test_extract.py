@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,37 @@ def test_workers_give_the_same_vectors(tmp_path, small_catalog, monkeypatch):
     c = extract_image_embeddings(cat, SmallConvEmbedder(), tmp_path / "c", batch_size=8, precision="fp32", progress=False)
     assert c.embeddings.ids.tolist() == a.embeddings.ids.tolist()
     np.testing.assert_array_equal(np.asarray(c.embeddings.vectors), np.asarray(a.embeddings.vectors))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_threads_take_a_slice_of_each_batch_in_order(threads):
+    """The CPU decode pool gets one contiguous slice of a batch per thread (one task each, not
+    one per image); batches come back whole, in order, every item decoded once."""
+    from vrec_utils.extract import _threaded_batches
+
+    class Items:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+            self.threads: dict[int, int] = {}
+
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, position: int):
+            self.calls.append(position)
+            self.threads[position] = threading.get_ident()
+            if position == 5:
+                return position, None, "unreadable"
+            return position, np.full((2, 2, 3), position, dtype=np.uint8), ""
+
+    items = Items()
+    batches = list(_threaded_batches(items, 4, threads))
+    assert [positions for positions, _, _ in batches] == [[0, 1, 2, 3], [4, 6, 7], [8, 9]]
+    assert batches[1][2] == [(5, "unreadable")]
+    assert [pixels[:, 0, 0, 0].tolist() for _, pixels, _ in batches] == [[0, 1, 2, 3], [4, 6, 7], [8, 9]]
+    assert sorted(items.calls) == list(range(10))
+    if threads == 2:  # the first batch as two slices, each decoded by one thread
+        assert items.threads[0] == items.threads[1] and items.threads[2] == items.threads[3]
 
 
 def test_interrupted_run_resumes_from_chunks(tmp_path, small_catalog):

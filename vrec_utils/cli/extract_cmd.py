@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_catalog_args(p)
     add_model_args(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=non_negative_int, default=None, help="local: DataLoader worker processes decoding images (default: on a CPU, a thread per core decodes each batch between forward passes; on a GPU, cores - 1 workers, at most 4); ray: embedding actors, each holding the model once (default 1)")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="local: DataLoader worker processes decoding images (default: on a CPU, a thread per core decodes each batch, between torch's forward passes or while OpenVINO runs the batch before; on a GPU, cores - 1 workers, at most 4); ray: embedding actors, each holding the model once (default 1)")
     p.add_argument("--runner", choices=RUNNERS, default="local", help="local: this process runs the model; ray: a Ray cluster does (needs the 'ray' extra)")
     p.add_argument("--ray-address", default=None, metavar="auto|ADDR", help="with --runner ray: join this cluster ('auto': the one `ray start` made here); default: start a local one")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="N", help="with --runner ray: GPUs per embedding actor (0: embed on CPUs)")

@@ -28,7 +28,9 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,8 @@ class OpenVINOEngine(_OpenVINOTower):
     ``/ std`` as torch, computed in OpenVINO's graph (on efficientnet-lite0 the Python normalisation
     and NCHW copy cost 1.4 ms per image in the process that feeds the model, ~30% of its forward).
     Float (B, 3, H, W) batches still work: a float-input model is compiled for them on first use.
-    Compiled for throughput: each batch is split over the CPU's streams (:class:`StreamRequests`).
+    Compiled for throughput: each batch is split over the CPU's streams (:class:`StreamRequests`);
+    extraction queues batches in parts, decoding the next while they run (:meth:`encode_stream`).
     """
 
     performance = "THROUGHPUT"
@@ -214,6 +217,22 @@ class OpenVINOEngine(_OpenVINOTower):
     def _float(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.normalize(pixels) if pixels.dtype == torch.uint8 and self.normalize is not None else pixels
 
+    def encode_stream(self, batches: Iterable[tuple[Any, torch.Tensor | None]]) -> Iterator[tuple[Any, torch.Tensor | None]]:
+        """``(tag, vectors)`` for each ``(tag, pixels)`` of ``batches``, in order: the PIL stage's
+        uint8 batches run through :meth:`StreamRequests.infer_stream` (the next batch is decoded
+        while this one runs), anything else one batch at a time (:meth:`encode_images`)."""
+
+        def jobs():
+            for tag, pixels in batches:
+                queued = pixels is not None and pixels.dtype == torch.uint8 and self.normalize is not None
+                yield (tag, pixels, queued), ({0: np.ascontiguousarray(pixels.numpy())} if queued else None)
+
+        for (tag, pixels, queued), output in self.request.infer_stream(jobs()):
+            if queued:
+                yield tag, torch.from_numpy(output)
+            else:
+                yield tag, None if pixels is None else self.encode_images(pixels)
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype == torch.uint8:
             if self.normalize is None:
@@ -252,6 +271,19 @@ class OpenVINOTextEngine(_OpenVINOTower):
         return torch.from_numpy(self.request.infer(inputs))
 
 
+@dataclass
+class _Job:
+    """One batch of :meth:`StreamRequests.infer_stream`: its inputs stay referenced until done."""
+
+    tag: Any
+    inputs: dict | None
+    outputs: list = field(default_factory=list)  # one per part, None while it runs
+
+    @property
+    def done(self) -> bool:
+        return all(output is not None for output in self.outputs)
+
+
 class StreamRequests:
     """A compiled model's infer requests, one per CPU stream: ``infer`` splits a batch over them and
     runs the parts at once. Under the THROUGHPUT hint each stream has its own cores (2 streams of
@@ -262,8 +294,10 @@ class StreamRequests:
 
     def __init__(self, compiled, count: int | None = None) -> None:
         count = count or max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.compiled = compiled
         self.requests = [compiled.create_infer_request() for _ in range(count)]
         self.model_inputs = self.requests[0].model_inputs
+        self._queue: list = []  # infer_stream's requests, made on its first use
 
     def infer(self, inputs: dict) -> np.ndarray:
         """Output 0 for ``inputs`` (arrays sharing their first, batch axis), float32 rows in order."""
@@ -278,6 +312,59 @@ class StreamRequests:
         for request in running:
             request.wait()
         return np.concatenate([np.array(request.get_output_tensor(0).data, dtype=np.float32) for request in running])
+
+    def infer_stream(self, jobs: Iterable[tuple[Any, dict | None]]) -> Iterator[tuple[Any, np.ndarray | None]]:
+        """``(tag, output 0)`` for each ``(tag, inputs)`` of ``jobs``, in order (None for None inputs),
+        with the streams kept busy while the caller prepares the next job.
+
+        Each batch is cut into 4 parts per stream, queued on twice as many requests as one batch
+        takes: a stream takes the next part as soon as it is free, so it never waits at the end of
+        a batch for the other stream's half (as :meth:`infer` does), and a whole batch is still
+        queued while the caller decodes the next one on the same cores. efficientnet-lite0, 2-core
+        Xeon, 1,024 images, batch 32: 212-225 img/s against 185-195 through :meth:`infer`, same vectors;
+        forward alone 245-259 against 203-252. Requests read the caller's arrays in place
+        (``share_inputs``), so each job's inputs stay referenced until its parts are done."""
+        parts_per_batch = 4 * len(self.requests)
+        if not self._queue:
+            self._queue = [self.compiled.create_infer_request() for _ in range(2 * parts_per_batch)]
+        free = deque(self._queue)
+        running: deque[tuple[Any, _Job, int]] = deque()  # (request, job, part) in the order started
+        waiting: deque[_Job] = deque()  # jobs in order, until all their parts are done
+
+        def finish_oldest() -> None:
+            request, job, part = running.popleft()
+            request.wait()
+            job.outputs[part] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+            free.append(request)
+
+        def finished() -> Iterator[tuple[Any, np.ndarray | None]]:
+            while waiting and waiting[0].done:
+                job = waiting.popleft()
+                yield job.tag, None if job.inputs is None else np.concatenate(job.outputs)
+
+        try:
+            for tag, inputs in jobs:
+                job = _Job(tag, inputs)
+                waiting.append(job)
+                if inputs is not None:
+                    size = len(next(iter(inputs.values())))
+                    bounds = np.linspace(0, size, max(1, min(parts_per_batch, size)) + 1).astype(int)
+                    job.outputs = [None] * (len(bounds) - 1)
+                    for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+                        while not free:
+                            finish_oldest()
+                        request = free.popleft()
+                        request.start_async({port: array[start:stop] for port, array in inputs.items()}, share_inputs=True)
+                        running.append((request, job, part))
+                while running and running[0][0].wait_for(0):  # parts already done: no waiting
+                    finish_oldest()
+                yield from finished()
+            while running:
+                finish_oldest()
+            yield from finished()
+        finally:  # stopped early (an error, the caller gone): the requests still read the inputs
+            for request, _, _ in running:
+                request.wait()
 
 
 class _SignalStack(ctypes.Structure):
