@@ -494,6 +494,8 @@ def test_infer_stream_queues_a_batch_ahead_in_parts_and_keeps_order():
     for tag, rows in rest:
         if rows is not None:
             np.testing.assert_array_equal(rows, arrays[tag] * 2)
+    first, second = stream.infer_stream(prepare()), stream.infer_stream(prepare())  # two at once: no request shared
+    assert next(first)[0] == "a" and [tag for tag, _ in second] == list("abcde") and [tag for tag, _ in first] == list("bcde")
     early = stream.infer_stream(prepare())
     next(early)
     assert any(request.running for request in compiled.log["requests"])
