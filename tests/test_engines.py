@@ -455,6 +455,11 @@ class _FakeRequest:
         return types.SimpleNamespace(data=self.inputs[0] * 2.0)
 
 
+def _fail_then_stop(request):
+    request.running = False
+    raise RuntimeError("inference failed")
+
+
 class _FakeCompiled:
     def __init__(self) -> None:
         self.log = {"started": 0, "most running": 0, "requests": []}
@@ -500,6 +505,14 @@ def test_infer_stream_queues_a_batch_ahead_in_parts_and_keeps_order():
     next(early)
     assert any(request.running for request in compiled.log["requests"])
     early.close()  # the caller stops (an error downstream, Ctrl-C)
+    assert not any(request.running for request in compiled.log["requests"])
+    failing = stream.infer_stream(prepare())
+    next(failing)
+    for request in compiled.log["requests"]:  # a part fails: its error comes out, every other part is still waited for
+        if request.running:
+            request.wait = functools.partial(_fail_then_stop, request)
+    with pytest.raises(RuntimeError, match="inference failed"):
+        list(failing)
     assert not any(request.running for request in compiled.log["requests"])
 
 

@@ -362,7 +362,8 @@ class StreamRequests:
             yield from finished()
         finally:  # stopped early (an error, the caller gone): the requests still read the inputs
             for request, _, _ in running:
-                request.wait()
+                with contextlib.suppress(Exception):  # every one waited for; the first error is what propagates
+                    request.wait()
 
 
 class _SignalStack(ctypes.Structure):
