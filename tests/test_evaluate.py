@@ -422,6 +422,17 @@ def test_bootstrap_matches_scipy(method):
     np.testing.assert_allclose(high, ref.confidence_interval.high, rtol=0, atol=1e-9)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("method", ["percentile", "bca"])
+def test_bootstrap_of_no_rows_is_nan_and_draws_nothing(method):
+    rng = np.random.default_rng(3)
+    low, high = bootstrap_ci(np.empty(0), n_resamples=99, method=method, seed=rng)
+    assert np.isnan(low) and np.isnan(high)
+    lows, highs = bootstrap_ci(np.empty((0, 3)), n_resamples=99, method=method, seed=rng)
+    assert lows.shape == highs.shape == (3,) and np.isnan(lows).all() and np.isnan(highs).all()
+    assert rng.random() == np.random.default_rng(3).random()  # the shared generator was not advanced
+
+
 def test_permutation_pvalue_exact_matches_scipy():
     rng = np.random.default_rng(0)
     a, b = rng.random(10), rng.random(10) + 0.2

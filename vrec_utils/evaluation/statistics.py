@@ -93,12 +93,16 @@ def bootstrap_ci(
 
     Matches ``scipy.stats.bootstrap(values.T, np.mean, method=..., n_resamples=...,
     rng=np.random.default_rng(seed))`` up to floating-point summation order, much faster for
-    many columns. Returns ``(low, high)`` arrays (scalars for 1-d input)."""
+    many columns. Returns ``(low, high)`` arrays (scalars for 1-d input); NaN for no rows, as
+    the mean of nothing is NaN (an empty query group), without drawing from ``seed``."""
     values = np.asarray(values, dtype=np.float64)
     one = values.ndim == 1
     values = values[:, None] if one else values
     if method not in CI_METHODS:
         raise ValueError(f"ci method must be one of {', '.join(CI_METHODS)}, got {method!r}")
+    if len(values) == 0:
+        nan = np.full(values.shape[1], np.nan)
+        return (nan[0], nan[0].copy()) if one else (nan, nan.copy())
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     theta_b = resample_means(values, n_resamples, rng)
     accel = jackknife_acceleration(mean_jackknife(values)) if method == "bca" else None

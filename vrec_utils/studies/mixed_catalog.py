@@ -159,6 +159,11 @@ def _photo_to_studio(variants: dict[str, Embeddings], items: pd.DataFrame) -> tu
     return photo[keep], {v: s[keep] for v, s in scores.items()}
 
 
+def _mean(values: np.ndarray) -> float:
+    """Mean of a query group; NaN for an empty group (without numpy's empty-slice warning)."""
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def _paired_rows(queries: str, values: dict[str, np.ndarray], n_bootstrap: int) -> list[dict]:
     """Paired nDCG@5 differences (:data:`COMPARISONS`) over one query group, bootstrap (BCa) 95% CIs."""
     rows = []
@@ -166,8 +171,8 @@ def _paired_rows(queries: str, values: dict[str, np.ndarray], n_bootstrap: int) 
         diff = values[b] - values[a]
         low, high = bootstrap_ci(diff, n_resamples=n_bootstrap, seed=0)
         rows.append({
-            "queries": queries, "comparison": f"{b} vs {a}", "ndcg@5 a": float(values[a].mean()), "ndcg@5 b": float(values[b].mean()),
-            "diff": float(diff.mean()), "ci_low": float(low), "ci_high": float(high), "n_queries": len(diff),
+            "queries": queries, "comparison": f"{b} vs {a}", "ndcg@5 a": _mean(values[a]), "ndcg@5 b": _mean(values[b]),
+            "diff": _mean(diff), "ci_low": float(low), "ci_high": float(high), "n_queries": len(diff),
         })  # fmt: skip
     return rows
 
@@ -260,7 +265,7 @@ def mixed_catalog_check(
         rows += _paired_rows(queries, values, n_bootstrap)
         if queries != "photo -> studio only":  # there every neighbour is a studio item by construction
             neighbours += [
-                {"queries": queries, "variant": v, "ndcg@5": float(values[v].mean()), "top-5 from the other domain": float(shares[v].loc[list(ids)].mean())}
+                {"queries": queries, "variant": v, "ndcg@5": _mean(values[v]), "top-5 from the other domain": _mean(shares[v].loc[list(ids)].to_numpy())}
                 for v in VARIANTS
             ]  # fmt: skip
     return MixedCheck(pd.DataFrame(rows), pd.DataFrame(neighbours), len(studio_ids), len(photo_ids), sets)
