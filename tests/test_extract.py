@@ -53,6 +53,19 @@ class SmallConvEmbedder(Embedder):
         return self.net(pixels)
 
 
+class _MustNotRun:
+    """Stands in for a transform or a model call, with the repr of what it replaces."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError(f"a warm rerun ran {self.description}")
+
+
 def test_extract_embeds_caches_and_reuses(tmp_path, small_catalog):
     embedder = SmallConvEmbedder()
     first = extract_image_embeddings(small_catalog, embedder, tmp_path, batch_size=32, num_workers=0, precision="fp32", progress=False)
@@ -60,7 +73,11 @@ def test_extract_embeds_caches_and_reuses(tmp_path, small_catalog):
     emb = first.embeddings
     assert emb.vectors.shape == (200, 16) and emb.ids.tolist() == small_catalog.ids
     np.testing.assert_allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, atol=1e-5)
-    again = extract_image_embeddings(small_catalog, SmallConvEmbedder(), tmp_path, num_workers=0, precision="fp32", progress=False)
+    # a warm rerun at an explicit precision reads no image and runs nothing: not even the transform
+    untouched = SmallConvEmbedder()
+    untouched.image_transform = _MustNotRun(repr(untouched.image_transform))  # same preprocess id: same key
+    untouched.encode_image = _MustNotRun("encode_image")
+    again = extract_image_embeddings(small_catalog, untouched, tmp_path, num_workers=0, precision="fp32", progress=False)
     assert again.n_new == 0 and again.n_cached == 200
     loaded = load_embeddings(tmp_path, small_catalog, "test-small-conv")
     # the store's consolidated vectors are memory-mapped; a catalog gets its own rows of them

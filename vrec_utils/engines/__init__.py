@@ -48,7 +48,8 @@ def select_engine(
     if why_torch is None and (embedder.has_output_mix or not embedder.has_image):
         why_torch = f"torch: OpenVINO export of {embedder.name}'s image tower is not supported"
     measured = precision == "auto" and embedder.device.type == "cpu"
-    pixels = check if check is not None and len(check) else example_batch(embedder, raw=True)
+    # what precision auto measures on (an explicit precision needs no example, nor a transform)
+    pixels = (check if check is not None and len(check) else example_batch(embedder, raw=True)) if measured else None
     if why_torch is None:
         try:
             if not measured:
