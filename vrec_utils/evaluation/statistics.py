@@ -101,8 +101,7 @@ def bootstrap_ci(
     if method not in CI_METHODS:
         raise ValueError(f"ci method must be one of {', '.join(CI_METHODS)}, got {method!r}")
     if len(values) == 0:
-        nan = np.full(values.shape[1], np.nan)
-        return (nan[0], nan[0].copy()) if one else (nan, nan.copy())
+        return (np.nan, np.nan) if one else (np.full(values.shape[1], np.nan), np.full(values.shape[1], np.nan))
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     theta_b = resample_means(values, n_resamples, rng)
     accel = jackknife_acceleration(mean_jackknife(values)) if method == "bca" else None
