@@ -37,7 +37,7 @@ QUICK = {
 def _run(script: str, arguments: list, expected: list[str], tmp_path: Path, **env: str) -> None:
     command = [sys.executable, str(REPO / "benchmarks" / f"{script}.py")] + [str(a).format(tmp=tmp_path) for a in arguments]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **env}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{script} exited {done.returncode}:\n{output[-4000:]}"
     for line in expected:

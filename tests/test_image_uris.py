@@ -4,8 +4,8 @@ builds it and sets ``VREC_TEST_FAKE_GCS_SERVER``; without it the gs:// test skip
 fail-fast error of a protocol whose package is missing.
 
 The S3 emulator: moto[server] (5.2.5) in this process when it imports here, else a ``moto_server``
-executable (``VREC_TEST_MOTO_SERVER`` or on PATH) started on a free port. moto needs botocore,
-which needs python-dateutil<3; constraints.txt pins 4.0.0, so here moto lives in its own
+executable (``VREC_TEST_MOTO_SERVER``, else scripts/test.sh's ``.venv-moto``, else on PATH)
+started on a free port. moto needs botocore, which needs python-dateutil<3; constraints.txt pins 4.0.0, so here moto lives in its own
 environment (``python -m venv /tmp/moto && /tmp/moto/bin/pip install 'moto[server]==5.2.5'``,
 then ``VREC_TEST_MOTO_SERVER=/tmp/moto/bin/moto_server``). Without one the S3 tests skip.
 """
@@ -121,6 +121,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# the pinned moto that scripts/test.sh installs: taken before one on PATH, which may be another version
+REPO_MOTO = Path(__file__).resolve().parents[1] / ".venv-moto" / "bin" / "moto_server"
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """``http://127.0.0.1:PORT`` of a moto S3 server with AWS_* pointing at it (test credentials)."""
@@ -133,7 +137,7 @@ def s3_endpoint():
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
         server.start()
     except ImportError:
-        command = os.environ.get("VREC_TEST_MOTO_SERVER") or shutil.which("moto_server")
+        command = os.environ.get("VREC_TEST_MOTO_SERVER") or (str(REPO_MOTO) if REPO_MOTO.is_file() else shutil.which("moto_server"))
         if not command:
             pytest.skip("no S3 emulator: install moto[server]==5.2.5 (its own venv, see this module's docstring) and set VREC_TEST_MOTO_SERVER")
         process = subprocess.Popen([command, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
