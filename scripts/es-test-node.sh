@@ -110,7 +110,7 @@ start() {
     fi
   fi
   rm -rf "$NODE"
-  mkdir -p "$NODE"/{data,logs,run}
+  mkdir -p "$NODE"/{data,logs,run/tmp}  # run/tmp: the JVM's temporary files, deleted by stop (not /tmp/elasticsearch-*)
   cp -r "$ES_HOME/config" "$NODE/config"
   # Faster start on a small box: heap not pre-touched, tiered compilation as usual.
   printf -- '-Xms1g\n-Xmx1g\n-XX:-AlwaysPreTouch\n' > "$NODE/config/jvm.options.d/vrec.options"
@@ -120,7 +120,7 @@ start() {
   transport=$(free_port)
   url=http://127.0.0.1:$port
   local started=$SECONDS
-  env ES_JAVA_HOME="$java_home" ES_PATH_CONF="$NODE/config" ES_JAVA_OPTS="" "${as[@]}" "$ES_HOME/bin/elasticsearch" -d -p "$NODE/run/es.pid" \
+  env ES_JAVA_HOME="$java_home" ES_PATH_CONF="$NODE/config" ES_TMPDIR="$NODE/run/tmp" ES_JAVA_OPTS="" "${as[@]}" "$ES_HOME/bin/elasticsearch" -d -p "$NODE/run/es.pid" \
     -E cluster.name=vrec-test -E node.name=vrec-test \
     -E discovery.type=single-node -E xpack.security.enabled=false \
     -E network.host=127.0.0.1 -E http.port="$port" -E transport.port="$transport" \
