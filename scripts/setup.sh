@@ -10,12 +10,9 @@ stamp=.venv/.vrec-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   # torch from PyPI brings its CUDA libraries: .venv grows to ~7.5 GB, and pip's downloads take ~3.5 GB
   # more in the temporary folder until it ends. Say so before the downloads, not as ENOSPC half-way.
-  for where in .venv "${TMPDIR:-/tmp}"; do
-    free_gb=$(df -Pk "$where" | awk 'NR==2 {print int($4 / 1048576)}')
-    if [ "$free_gb" -lt 12 ]; then
-      echo "WARNING: only $free_gb GB free where $where lives; installing vrec needs ~11 GB (torch with its CUDA libraries)" >&2
-    fi
-  done
+  # one line per file system (.venv and the temporary folder usually share one)
+  df -Pk .venv "${TMPDIR:-/tmp}" | awk 'NR > 1 && !seen[$6]++ && $4 < 12 * 1048576 {
+    printf "WARNING: only %d GB free on %s; installing vrec needs ~11 GB (torch with its CUDA libraries)\n", $4 / 1048576, $6 }' >&2 || true
   # constraints.txt pins the versions the test suite passed with (torch 2.14.1 / torchvision 0.29.1:
   # a plain `torch` resolves to another multi-GB build).
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[all]" 2>&1 | { grep -v "^WARNING: Location" || true; }
